@@ -1,0 +1,3 @@
+from qgseg.cli import main
+
+main()

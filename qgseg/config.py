@@ -1,0 +1,434 @@
+"""Run configuration: frozen dataclasses per TOML section, layered loading, strict checking.
+
+Precedence (later wins): built-in defaults < ``--preset NAME`` < ``--config FILE`` (default
+``./qgseg.toml`` when present) < explicit command-line options < ``--set section.key=value``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from qgseg.errors import InputError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SSL_METHODS = ("sup", "pl-t", "pl-c", "pl", "mt", "ua-mt", "ict", "cl", "cps", "qar")
+# Methods whose pseudolabels g can judge (``--qw``).
+QW_METHODS = ("pl-t", "pl-c", "pl", "mt", "ua-mt", "ict", "cl", "cps")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    labeled: str = ""
+    unlabeled: str = ""
+    image_size: int = 128
+    split_seed: int = 0
+    max_unlabeled: int = 0  # 0 = every unlabeled image (M in the paper's ablation)
+    max_labeled: int = 0  # 0 = every labeled training case
+    cache_dir: str = ""  # "" = $QGSEG_CACHE or ~/.cache/qgseg
+
+
+@dataclass(frozen=True)
+class CorruptConfig:
+    k: int = 50
+    p_weak: float = 0.05
+    eval_k: int = 10  # corrupted masks per val/test image for g's evaluation
+    run: str = ""  # a corrupt run to reuse; "" = generate
+
+
+@dataclass(frozen=True)
+class WeakConfig:
+    epochs_at: tuple = (1, 3, 5, 10, 15, 20)
+    batch_size: int = 16
+    lr: float = 1e-3
+    arch: str = "unet"
+    encoder: str = "resnet18"
+    run: str = ""  # a train-weak run for Type 2 masks; "" = newest completed, if any
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    backbone: str = "resnet18"
+    epochs: int = 150
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 5e-4
+    patience: int = 25
+    grad_clip: float = 1.0
+    pretrained: bool = False
+    weights_file: str = ""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "unetpp"
+    encoder: str = "resnet34"
+    weights_file: str = ""
+
+
+@dataclass(frozen=True)
+class SSLConfig:
+    method: str = "sup"
+    qw: bool = False
+    quality: str = ""  # train-quality run; "" = newest completed
+    lambda_final: float = 0.25
+    warmup: int = 15
+    rampup: int = 30
+    qar_weight: float = 0.0  # 0 = no QAR term; method "qar" defaults to 0.01
+    qar_warmup: int = 30
+    qar_rampup: int = 40
+    qw_form: str = "reference"  # reference: q^T [q >= thr], normalised by sum(w); plain: q, mean
+    qw_temperature: float = 2.0
+    qw_threshold: float = 0.5
+    ema_decay: float = 0.999
+    confidence: float = 0.9  # pl-t / pl-c pixel confidence threshold
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 32
+    batch_size_unlabeled: int = 64
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    patience: int = 30
+    grad_clip: float = 1.0
+    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
+    channels_last: bool = False
+    compile: bool = False
+    steps_per_epoch: int = 0  # 0 = max(labeled, unlabeled) batches
+
+
+@dataclass(frozen=True)
+class AblateConfig:
+    seeds: int = 3
+    jobs: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    seed: int = 0
+    device: str = "auto"
+    runs_root: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    corrupt: CorruptConfig = field(default_factory=CorruptConfig)
+    weak: WeakConfig = field(default_factory=WeakConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ablate: AblateConfig = field(default_factory=AblateConfig)
+
+    def replace(self, **dotted: Any) -> "Config":
+        """A copy with ``section.key`` values replaced (checked like any other source)."""
+        return build_config(merge(to_dict(self), dotted, "replace"))
+
+
+_SECTION_CLASSES: dict[str, type] = {
+    "data": DataConfig, "corrupt": CorruptConfig, "weak": WeakConfig, "quality": QualityConfig,
+    "model": ModelConfig, "ssl": SSLConfig, "train": TrainConfig, "ablate": AblateConfig,
+}
+_TOP_KEYS = ("seed", "device", "runs_root")
+
+# Range checks: key -> (predicate, what is expected).
+_CHECKS: dict[str, tuple[Any, str]] = {
+    "seed": (lambda v: v >= 0, "an integer >= 0"),
+    "device": (lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
+    "data.image_size": (lambda v: v >= 32 and v % 32 == 0, "a multiple of 32, at least 32"),
+    "data.split_seed": (lambda v: v >= 0, "an integer >= 0"),
+    "data.max_unlabeled": (lambda v: v >= 0, "an integer >= 0 (0 = all)"),
+    "data.max_labeled": (lambda v: v >= 0, "an integer >= 0 (0 = all)"),
+    "corrupt.k": (lambda v: v >= 1, "an integer >= 1"),
+    "corrupt.p_weak": (lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
+    "corrupt.eval_k": (lambda v: v >= 1, "an integer >= 1"),
+    "weak.epochs_at": (lambda v: len(v) > 0 and all(isinstance(e, int) and e >= 1 for e in v)
+                       and list(v) == sorted(set(v)), "increasing epoch numbers >= 1, e.g. [1, 3, 5]"),
+    "weak.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "weak.lr": (lambda v: v > 0, "a number > 0"),
+    "quality.epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "quality.batch_size": (lambda v: v >= 2, "an integer >= 2"),
+    "quality.lr": (lambda v: v > 0, "a number > 0"),
+    "quality.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "quality.patience": (lambda v: v >= 1, "an integer >= 1"),
+    "quality.grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "ssl.method": (lambda v: v in SSL_METHODS, "one of " + ", ".join(SSL_METHODS)),
+    "ssl.lambda_final": (lambda v: v >= 0, "a number >= 0"),
+    "ssl.warmup": (lambda v: v >= 0, "an integer >= 0"),
+    "ssl.rampup": (lambda v: v >= 0, "an integer >= 0"),
+    "ssl.qar_weight": (lambda v: v >= 0, "a number >= 0"),
+    "ssl.qar_warmup": (lambda v: v >= 0, "an integer >= 0"),
+    "ssl.qar_rampup": (lambda v: v >= 0, "an integer >= 0"),
+    "ssl.qw_form": (lambda v: v in ("reference", "plain"), "reference or plain"),
+    "ssl.qw_temperature": (lambda v: v > 0, "a number > 0"),
+    "ssl.qw_threshold": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
+    "ssl.ema_decay": (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
+    "ssl.confidence": (lambda v: 0.5 <= v < 1.0, "a number in [0.5, 1)"),
+    "train.epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "train.batch_size": (lambda v: v >= 2, "an integer >= 2 (BatchNorm needs two samples)"),
+    "train.batch_size_unlabeled": (lambda v: v >= 2, "an integer >= 2"),
+    "train.lr": (lambda v: v > 0, "a number > 0"),
+    "train.weight_decay": (lambda v: v >= 0, "a number >= 0"),
+    "train.patience": (lambda v: v >= 1, "an integer >= 1"),
+    "train.grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "train.precision": (lambda v: v in ("auto", "fp32", "bf16", "fp16"), "auto, fp32, bf16 or fp16"),
+    "train.steps_per_epoch": (lambda v: v >= 0, "an integer >= 0 (0 = max(labeled, unlabeled) batches)"),
+    "ablate.seeds": (lambda v: v >= 1, "an integer >= 1"),
+    "ablate.jobs": (lambda v: v >= 1, "an integer >= 1"),
+}
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Nested plain dict (tuples become lists) of a config."""
+    out = dataclasses.asdict(cfg)
+    for sec in _SECTION_CLASSES:
+        for k, v in out[sec].items():
+            if isinstance(v, tuple):
+                out[sec][k] = list(v)
+    return out
+
+
+def valid_keys() -> list[str]:
+    keys = list(_TOP_KEYS)
+    for sec, cls in _SECTION_CLASSES.items():
+        keys += [f"{sec}.{f.name}" for f in fields(cls)]
+    return keys
+
+
+def _default_of(dotted: str) -> Any:
+    d = to_dict(Config())
+    if "." in dotted:
+        sec, key = dotted.split(".", 1)
+        return d[sec][key]
+    return d[dotted]
+
+
+def _check_type(dotted: str, value: Any, source: str) -> Any:
+    default = _default_of(dotted)
+    expected = type(default)
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+    elif isinstance(default, list):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return [value]
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+             list: "a list"}
+    raise InputError(f"{source}: {dotted} must be {names.get(expected, expected.__name__)}, "
+                     f"got {value!r}")
+
+
+def flatten(tree: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Turn a TOML-like nested mapping into ``{"section.key": value}``, rejecting unknown keys."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if key in _SECTION_CLASSES:
+            if not isinstance(value, Mapping):
+                raise InputError(f"{source}: [{key}] must be a table of keys")
+            valid = [f.name for f in fields(_SECTION_CLASSES[key])]
+            for sub, v in value.items():
+                if sub not in valid:
+                    raise InputError(f"{source}: unknown key '{key}.{sub}'; valid keys in [{key}]: "
+                                     + ", ".join(valid))
+                flat[f"{key}.{sub}"] = v
+        elif key in _TOP_KEYS:
+            flat[key] = value
+        else:
+            raise InputError(f"{source}: unknown key '{key}'; valid top-level keys and sections: "
+                             + ", ".join(list(_TOP_KEYS) + list(_SECTION_CLASSES)))
+    return flat
+
+
+def merge(base: dict[str, Any], flat: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Apply dotted overrides to a nested dict, type-checking each value."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in base.items()}
+    valid = set(valid_keys())
+    for dotted, value in flat.items():
+        if dotted not in valid:
+            sec = dotted.split(".", 1)[0]
+            choices = [k for k in valid if k.startswith(sec + ".")] or sorted(valid)
+            raise InputError(f"{source}: unknown key '{dotted}'; valid keys: " + ", ".join(choices))
+        value = _check_type(dotted, value, source)
+        if "." in dotted:
+            sec, key = dotted.split(".", 1)
+            out[sec][key] = value
+        else:
+            out[dotted] = value
+    return out
+
+
+def build_config(tree: Mapping[str, Any], source: str = "configuration") -> Config:
+    """Construct and range-check a Config from a complete nested dict."""
+    for dotted, (ok, expected) in _CHECKS.items():
+        if "." in dotted:
+            sec, key = dotted.split(".", 1)
+            value = tree[sec][key]
+        else:
+            value = tree[dotted]
+        if not ok(value):
+            raise InputError(f"{source}: {dotted} = {value!r} is out of range; expected {expected}")
+    sections = {}
+    for sec, cls in _SECTION_CLASSES.items():
+        vals = {k: (tuple(v) if isinstance(v, list) else v) for k, v in tree[sec].items()}
+        sections[sec] = cls(**vals)
+    return Config(**{k: tree[k] for k in _TOP_KEYS}, **sections)
+
+
+def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{what} {path}: file not found") from None
+    except OSError as e:
+        raise InputError(f"{what} {path}: cannot read ({e.strerror})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{what} {path}: TOML syntax error: {e}") from None
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("qgseg.presets").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    if name not in preset_names():
+        raise InputError(f"--preset: unknown preset '{name}'; choose from " + ", ".join(preset_names()))
+    text = resources.files("qgseg.presets").joinpath(f"{name}.toml").read_text(encoding="utf-8")
+    return tomllib.loads(text)
+
+
+def parse_set(items: Iterable[str]) -> dict[str, Any]:
+    """Parse ``--set section.key=value`` items; values are TOML literals, bare words are strings."""
+    flat: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise InputError(f"--set {item}: expected section.key=value")
+        key, raw = item.split("=", 1)
+        key, raw = key.strip(), raw.strip()
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        # "1,3,5" for list-valued keys
+        if isinstance(value, str) and "," in value and isinstance(_safe_default(key), list):
+            try:
+                value = [int(x) for x in value.split(",") if x.strip()]
+            except ValueError:
+                pass
+        flat[key] = value
+    return flat
+
+
+def _safe_default(key: str) -> Any:
+    try:
+        return _default_of(key)
+    except KeyError:
+        return None
+
+
+@dataclass
+class Loaded:
+    """A resolved config plus where each explicitly set key came from."""
+
+    config: Config
+    explicit: dict[str, str]  # dotted key -> source label
+    config_file: str = ""
+
+
+def load_config(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    options: Mapping[str, Any] | None = None,
+    sets: Iterable[str] = (),
+    cwd: Path | None = None,
+) -> Loaded:
+    """Resolve a configuration from all sources (see module docstring)."""
+    tree = to_dict(Config())
+    explicit: dict[str, str] = {}
+    layers: list[tuple[str, dict[str, Any]]] = []
+    if preset:
+        layers.append((f"preset {preset}", flatten(load_preset(preset), f"preset {preset}")))
+    used_file = ""
+    if config_file is None:
+        default = (cwd or Path.cwd()) / "qgseg.toml"
+        if default.is_file():
+            config_file = default
+    if config_file is not None:
+        used_file = str(config_file)
+        data = read_toml(Path(config_file))
+        flat = flatten(data, f"config file {config_file}")
+        # relative data paths in a config file are relative to the file
+        base = Path(config_file).resolve().parent
+        for key in ("data.labeled", "data.unlabeled", "quality.weights_file", "model.weights_file"):
+            if isinstance(flat.get(key), str) and flat[key] and not Path(flat[key]).is_absolute():
+                flat[key] = str(base / flat[key])
+        layers.append((f"config file {config_file}", flat))
+    if options:
+        layers.append(("option", {k: v for k, v in options.items() if v is not None}))
+    set_flat = parse_set(sets)
+    layers.append(("--set", set_flat))
+    for source, flat in layers:
+        tree = merge(tree, flat, source)
+        for k in flat:
+            explicit[k] = source
+    # method-specific default: method qar uses lambda_qar = 0.01 unless set
+    if tree["ssl"]["method"] == "qar" and "ssl.qar_weight" not in explicit:
+        tree["ssl"]["qar_weight"] = 0.01
+    cfg = build_config(tree, source=_describe(explicit))
+    if cfg.ssl.method == "qar" and cfg.ssl.qar_weight <= 0:
+        raise InputError(f"{explicit.get('ssl.qar_weight', 'configuration')}: ssl.qar_weight must "
+                         "be > 0 for method qar")
+    return Loaded(cfg, explicit, used_file)
+
+
+def _describe(explicit: Mapping[str, str]) -> str:
+    sources = sorted(set(explicit.values()) - {"--set"})
+    return "configuration" if not sources else "configuration (" + "; ".join(sources) + ")"
+
+
+def dumps_toml(cfg: Config) -> str:
+    """Serialise a config as TOML (scalars and flat lists only, which is all a Config holds)."""
+    d = to_dict(cfg)
+    lines = [f"{k} = {_toml_value(d[k])}" for k in _TOP_KEYS]
+    for sec in _SECTION_CLASSES:
+        lines += ["", f"[{sec}]"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in d[sec].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def load_run_config(run_dir: Path) -> Config:
+    """The resolved config a run directory was made with."""
+    path = Path(run_dir) / "config.toml"
+    data = read_toml(path, "run config")
+    return build_config(merge(to_dict(Config()), flatten(data, str(path)), str(path)), str(path))

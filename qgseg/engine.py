@@ -1,0 +1,358 @@
+"""The one training loop shared by train-weak, train-quality and ssl.
+
+A stage supplies a :class:`Task` (its modules, batches, loss, evaluation); the engine does the
+rest: epochs, autocast, gradient clipping, optimiser and scheduler steps, per-step hooks (EMA),
+evaluation, early stopping, ``last.pt`` / ``best.pt`` checkpoints, metrics.csv and resume.
+
+Determinism and resume: every epoch reseeds torch's global generator and the task's data
+generator from ``(seed, epoch)``, so a run resumed from the checkpoint of epoch ``e`` continues
+exactly as the uninterrupted run would have. Checkpoints hold only tensors and primitive types
+and are loaded with ``torch.load(..., weights_only=True)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from qgseg.errors import InputError, QgsegError, TrainingDiverged
+from qgseg.report import Reporter
+from qgseg.runs import Run, atomic_write_bytes, atomic_write_text
+
+log = logging.getLogger("qgseg")
+CHECKPOINT_FORMAT = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# devices, precision, seeding
+# ---------------------------------------------------------------------------------------------
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available. Asking for CUDA without it is a usage error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return dev
+    return torch.device("cpu")
+
+
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA by default; fp32 on the CPU unless asked otherwise."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
+    """A 63-bit seed derived from (seed, epoch, salt)."""
+    return int(np.random.SeedSequence([seed, epoch, salt]).generate_state(2, np.uint32).astype(np.uint64)
+               .dot(np.array([1, 1 << 31], dtype=np.uint64)) % (1 << 62))
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (1 << 32))
+
+
+# ---------------------------------------------------------------------------------------------
+# the task protocol
+# ---------------------------------------------------------------------------------------------
+class Task(Protocol):
+    """What a stage gives the engine."""
+
+    modules: dict[str, nn.Module]  # everything checkpointed (trained or not, e.g. an EMA teacher)
+    best_modules: tuple[str, ...]  # what best.pt keeps (e.g. ("model",))
+    monitor: str  # key of evaluate()'s result used for early stopping and best.pt
+    mode: str  # "max" or "min"
+
+    def batches(self, epoch: int, generator: torch.Generator) -> Iterable[Any]: ...
+
+    def steps_per_epoch(self) -> int: ...
+
+    def loss(self, batch: Any, epoch: int, step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def after_step(self, step: int) -> None: ...
+
+    def evaluate(self, epoch: int) -> dict[str, float]: ...
+
+
+@dataclass
+class FitSettings:
+    epochs: int
+    patience: int
+    seed: int
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    scheduler_interval: str = "epoch"  # "epoch" or "step"
+    stop_after_epoch: int = 0  # testing aid: raise KeyboardInterrupt after this epoch (0 = off)
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_value: float
+    epochs_run: int
+    stopped_early: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path | str, what: str = "checkpoint") -> dict[str, Any]:
+    """Load with ``weights_only=True``: a checkpoint carrying code is refused, never run."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{what} {path}: file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"{what} {path}: refused or unreadable ({first[:200]}); only tensors and "
+                         "plain values are loaded (weights_only=True)") from None
+
+
+def module_specs(modules: dict[str, nn.Module]) -> dict[str, dict]:
+    return {k: dict(getattr(m, "spec", {}) or {}) for k, m in modules.items()}
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    m = getattr(m, "_orig_mod", m)  # torch.compile
+    return getattr(m, "module", m)  # DDP / AveragedModel
+
+
+def load_modules(modules: dict[str, nn.Module], state: dict[str, dict], source: str) -> None:
+    for name, m in modules.items():
+        if name not in state:
+            raise InputError(f"{source}: no weights for '{name}' in the checkpoint")
+        try:
+            _unwrap(m).load_state_dict(state[name])
+        except RuntimeError as e:
+            msg = str(e).splitlines()[0]
+            raise InputError(f"{source}: weights for '{name}' do not fit this architecture ({msg[:200]})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+# ---------------------------------------------------------------------------------------------
+class Engine:
+    """Runs a Task for a number of epochs with checkpoints, early stopping and resume."""
+
+    def __init__(self, run: Run, task: Task, optimizer: torch.optim.Optimizer,
+                 scheduler: Any, settings: FitSettings, device: torch.device,
+                 reporter: Reporter | None = None, is_main: bool = True):
+        self.run = run
+        self.task = task
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.s = settings
+        self.device = device
+        self.reporter = reporter or Reporter(enabled=False, quiet=True)
+        self.is_main = is_main
+        self.scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
+        self.epoch = 0
+        self.step = 0
+        self.best = -math.inf if task.mode == "max" else math.inf
+        self.best_epoch = 0
+        self.bad_epochs = 0
+        self.history: list[dict[str, float]] = []
+
+    # -- state --------------------------------------------------------------------------------
+    def _payload(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": self.epoch,
+            "step": self.step,
+            "modules": {k: _unwrap(m).state_dict() for k, m in self.task.modules.items()},
+            "specs": module_specs({k: _unwrap(m) for k, m in self.task.modules.items()}),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "best": float(self.best),
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "history": self.history,
+            "task": self.task.state_dict() if hasattr(self.task, "state_dict") else {},
+        }
+
+    def _restore(self, ck: dict[str, Any], source: str) -> None:
+        load_modules(self.task.modules, ck["modules"], source)
+        self.optimizer.load_state_dict(ck["optimizer"])
+        if self.scheduler is not None and ck.get("scheduler"):
+            self.scheduler.load_state_dict(ck["scheduler"])
+        if self.scaler is not None and ck.get("scaler"):
+            self.scaler.load_state_dict(ck["scaler"])
+        if hasattr(self.task, "load_state_dict") and ck.get("task") is not None:
+            self.task.load_state_dict(ck["task"])
+        self.epoch = int(ck["epoch"])
+        self.step = int(ck["step"])
+        self.best = float(ck["best"])
+        self.best_epoch = int(ck["best_epoch"])
+        self.bad_epochs = int(ck["bad_epochs"])
+        self.history = list(ck["history"])
+
+    def save_last(self) -> None:
+        if self.is_main:
+            save_checkpoint(self.run.checkpoints / "last.pt", self._payload())
+
+    def save_best(self) -> None:
+        if not self.is_main:
+            return
+        mods = {k: _unwrap(self.task.modules[k]) for k in self.task.best_modules}
+        save_checkpoint(self.run.checkpoints / "best.pt", {
+            "format": CHECKPOINT_FORMAT, "epoch": self.epoch, "monitor": self.task.monitor,
+            "value": float(self.best), "modules": {k: m.state_dict() for k, m in mods.items()},
+            "specs": module_specs(mods)})
+
+    def write_metrics(self) -> None:
+        if not self.is_main or not self.history:
+            return
+        cols: list[str] = []
+        for row in self.history:
+            cols += [c for c in row if c not in cols]
+        lines = [",".join(cols)]
+        for row in self.history:
+            lines.append(",".join(_csv(row.get(c, "")) for c in cols))
+        atomic_write_text(self.run.path / "metrics.csv", "\n".join(lines) + "\n")
+
+    # -- training ------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> FitResult:
+        last = self.run.checkpoints / "last.pt"
+        if resume and last.is_file():
+            self._restore(load_checkpoint(last, "resume checkpoint"), str(last))
+            self.write_metrics()
+            log.info("resuming %s after epoch %d", self.run.path, self.epoch)
+            if self.epoch > 0:
+                self.reporter.note(f"resumed after epoch {self.epoch} (best {self.task.monitor} "
+                                   f"{self.best:.4f} at epoch {self.best_epoch})")
+        else:
+            self.save_last()  # epoch 0: the initial weights, so a resume always has a start
+        t0 = time.time()
+        stopped_early = self.bad_epochs >= self.s.patience
+        total_steps = self.s.epochs * self.task.steps_per_epoch()
+        self.reporter.start(self.run.stage or "train", total_steps, completed=self.epoch * self.task.steps_per_epoch())
+        while self.epoch < self.s.epochs and not stopped_early:
+            epoch = self.epoch + 1
+            row = self._train_epoch(epoch)
+            for m in self.task.modules.values():
+                m.eval()
+            with torch.no_grad():
+                row.update(self.task.evaluate(epoch))
+            value = float(row[self.task.monitor])
+            improved = value > self.best if self.task.mode == "max" else value < self.best
+            if math.isnan(value):
+                improved = False
+            self.epoch = epoch
+            if improved:
+                self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+                self.save_best()
+            else:
+                self.bad_epochs += 1
+            row = {"epoch": epoch, **row, "lr": self.optimizer.param_groups[0]["lr"],
+                   "seconds": round(time.time() - t0, 3)}
+            if self.scheduler is not None and self.s.scheduler_interval == "epoch":
+                self.scheduler.step()
+            self.history.append(row)
+            self.save_last()
+            self.write_metrics()
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items()
+                              if k not in ("epoch", "seconds", "lr") and isinstance(v, float))
+            self.reporter.note(f"epoch {epoch}/{self.s.epochs}: {shown}")
+            self.run.log(f"epoch {epoch}: {shown}")
+            stopped_early = self.bad_epochs >= self.s.patience
+            if self.s.stop_after_epoch and epoch == self.s.stop_after_epoch:
+                raise KeyboardInterrupt
+        if self.best_epoch == 0:
+            # nothing improved (e.g. all NaN evaluations): keep the final weights as best
+            self.save_best()
+        return FitResult(self.best_epoch, self.best, self.epoch, stopped_early, self.history,
+                         time.time() - t0)
+
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        torch.manual_seed(epoch_seed(self.s.seed, epoch, 1))
+        gen = torch.Generator().manual_seed(epoch_seed(self.s.seed, epoch, 2))
+        for m in self.task.modules.values():
+            m.train()
+        if hasattr(self.task, "on_epoch_start"):
+            self.task.on_epoch_start(epoch)
+        sums: dict[str, float] = {}
+        n = 0
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for batch in self.task.batches(epoch, gen):
+            with autocast(self.device, self.s.precision):
+                loss, terms = self.task.loss(batch, epoch, self.step)
+            if not torch.isfinite(loss.detach()).all():
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at epoch {epoch}, step {self.step + 1}; the last good "
+                    f"checkpoint is {self.run.checkpoints / 'last.pt'} (epoch {self.epoch}); try a lower "
+                    "learning rate (train.lr / quality.lr)")
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+            else:
+                loss.backward()
+            if self.s.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, self.s.grad_clip)
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.step += 1
+            if self.scheduler is not None and self.s.scheduler_interval == "step":
+                self.scheduler.step()
+            self.task.after_step(self.step)
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
+            self.reporter.advance(1, info=f"epoch {epoch} loss {float(loss.detach()):.4f}")
+        return {k: v / max(n, 1) for k, v in sums.items()}
+
+
+def _csv(v: Any) -> str:
+    if isinstance(v, float):
+        return repr(round(v, 6)) if math.isfinite(v) else ("nan" if math.isnan(v) else repr(v))
+    return str(v)
+
+
+def read_metrics(run_dir: Path | str) -> list[dict[str, str]]:
+    import csv
+
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def infinite(loader_fn, generator: torch.Generator) -> Iterator[Any]:
+    """Cycle a finite batch iterator factory forever (the shorter loader of an SSL epoch)."""
+    while True:
+        empty = True
+        for b in loader_fn(generator):
+            empty = False
+            yield b
+        if empty:
+            raise QgsegError("empty data loader")

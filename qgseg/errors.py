@@ -1,0 +1,20 @@
+"""Exceptions that the CLI turns into one clear line and an exit code."""
+from __future__ import annotations
+
+
+class QgsegError(Exception):
+    """A failure with a message meant for the user. Exit code 1 (runtime failure)."""
+
+    exit_code = 1
+
+
+class InputError(QgsegError):
+    """Bad usage, configuration or input data. Exit code 2."""
+
+    exit_code = 2
+
+
+class TrainingDiverged(QgsegError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+    exit_code = 1
