@@ -6,6 +6,8 @@ Precedence (later wins): built-in defaults < ``--preset NAME`` < ``--config FILE
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 import sys
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -128,7 +130,11 @@ class Config:
 
     def replace(self, **dotted: Any) -> "Config":
         """A copy with ``section.key`` values replaced (checked like any other source)."""
-        return build_config(merge(to_dict(self), dotted, "replace"))
+        tree = merge(to_dict(self), dotted, "replace")
+        # as in load_config: method qar without a QAR weight takes the paper's 0.01
+        if tree["ssl"]["method"] == "qar" and tree["ssl"]["qar_weight"] == 0 and "ssl.qar_weight" not in dotted:
+            tree["ssl"]["qar_weight"] = 0.01
+        return build_config(tree, "replace")
 
 
 _SECTION_CLASSES: dict[str, type] = {
@@ -140,7 +146,8 @@ _TOP_KEYS = ("seed", "device", "runs_root")
 # Range checks: key -> (predicate, what is expected).
 _CHECKS: dict[str, tuple[Any, str]] = {
     "seed": (lambda v: v >= 0, "an integer >= 0"),
-    "device": (lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
+    "device": (lambda v: v in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", v) is not None,
+               "auto, cpu, cuda or cuda:N"),
     "data.image_size": (lambda v: v >= 32 and v % 32 == 0, "a multiple of 32, at least 32"),
     "data.split_seed": (lambda v: v >= 0, "an integer >= 0"),
     "data.max_unlabeled": (lambda v: v >= 0, "an integer >= 0 (0 = all)"),
@@ -148,7 +155,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "corrupt.k": (lambda v: v >= 1, "an integer >= 1"),
     "corrupt.p_weak": (lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
     "corrupt.eval_k": (lambda v: v >= 1, "an integer >= 1"),
-    "weak.epochs_at": (lambda v: len(v) > 0 and all(isinstance(e, int) and e >= 1 for e in v)
+    "weak.epochs_at": (lambda v: len(v) > 0 and all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in v)
                        and list(v) == sorted(set(v)), "increasing epoch numbers >= 1, e.g. [1, 3, 5]"),
     "weak.batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "weak.lr": (lambda v: v > 0, "a number > 0"),
@@ -298,6 +305,8 @@ def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
         raise InputError(f"{what} {path}: file not found") from None
     except OSError as e:
         raise InputError(f"{what} {path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{what} {path}: not UTF-8 text (a TOML file is expected)") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -328,6 +337,9 @@ def parse_set(items: Iterable[str]) -> dict[str, Any]:
             value = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw
+        # string keys take the text as given: a folder or run named "2024" stays a string
+        if isinstance(_safe_default(key), str) and not isinstance(value, str):
+            value = raw
         # "1,3,5" for list-valued keys
         if isinstance(value, str) and "," in value and isinstance(_safe_default(key), list):
             try:
@@ -341,7 +353,7 @@ def parse_set(items: Iterable[str]) -> dict[str, Any]:
 def _safe_default(key: str) -> Any:
     try:
         return _default_of(key)
-    except KeyError:
+    except (KeyError, TypeError):  # unknown section/key, or a sub-key of a scalar ("seed.x")
         return None
 
 
@@ -378,9 +390,11 @@ def load_config(
         flat = flatten(data, f"config file {config_file}")
         # relative data paths in a config file are relative to the file
         base = Path(config_file).resolve().parent
-        for key in ("data.labeled", "data.unlabeled", "quality.weights_file", "model.weights_file"):
-            if isinstance(flat.get(key), str) and flat[key] and not Path(flat[key]).is_absolute():
-                flat[key] = str(base / flat[key])
+        for key in ("data.labeled", "data.unlabeled", "data.cache_dir", "quality.weights_file",
+                    "model.weights_file"):
+            if isinstance(flat.get(key), str) and flat[key]:
+                p = Path(flat[key]).expanduser()
+                flat[key] = str(p if p.is_absolute() else base / p)
         layers.append((f"config file {config_file}", flat))
     if options:
         layers.append(("option", {k: v for k, v in options.items() if v is not None}))
@@ -421,7 +435,8 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, (int, float)):
         return repr(v)
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        # JSON string escapes are valid TOML basic-string escapes; TOML also forbids a raw DEL
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {v!r} as TOML")

@@ -28,7 +28,7 @@ log = logging.getLogger("qgseg")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_SUFFIXES = ("_segmentation", "_lesion", "_mask", "_Segmentation", "_Mask")
 SPLITS = ("train", "val", "test")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: two-level {0, v} masks with v <= 127 are foreground v (were empty)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -97,7 +97,7 @@ def discover_labeled(root: Path | str) -> tuple[str, list[Pair], list[str]]:
         raise InputError(f"{root}: not a folder")
     problems: list[str] = []
     # PH2 original release: IMDxxx/IMDxxx_Dermoscopic_Image/IMDxxx.bmp + IMDxxx_lesion/IMDxxx_lesion.bmp
-    derm = sorted(root.rglob("*_Dermoscopic_Image"))
+    derm = sorted(p for p in root.rglob("*_Dermoscopic_Image") if p.is_dir())
     if derm:
         images, masks = [], []
         for d in derm:
@@ -157,7 +157,7 @@ def read_image(path: Path) -> np.ndarray:
                 bg = Image.new("RGBA", im.size, (0, 0, 0, 255))
                 im = Image.alpha_composite(bg, im)
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"{path}: unreadable or corrupt image ({e})") from None
 
 
@@ -167,12 +167,12 @@ def read_mask(path: Path) -> tuple[np.ndarray, bool]:
         with Image.open(path) as im:
             im.load()
             a = np.asarray(im.convert("L"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise InputError(f"{path}: unreadable or corrupt mask ({e})") from None
     vmax = int(a.max()) if a.size else 0
-    if vmax <= 1:
-        return (a > 0).astype(np.uint8), False
     grey = bool(np.any((a != 0) & (a != vmax)))
+    if not grey:  # two levels {0, v} ({0, 1}, {0, 255}, or any other v): foreground is v
+        return (a > 0).astype(np.uint8), False
     return (a > 127).astype(np.uint8), grey
 
 
@@ -262,6 +262,11 @@ def _save_cache(path: Path, **arrays: np.ndarray) -> None:
         log.warning("cannot write data cache %s (%s)", path, e)
 
 
+def _warn_grey(root: Path, grey: int, n: int) -> None:
+    if grey:
+        log.warning("%s: %d of %d masks had grey levels and were binarised at 127", root, grey, n)
+
+
 def scan_labeled(root: Path | str, image_size: int, cache_dir: str = "") -> tuple[LabeledData | None, list[str]]:
     """Decode, validate and resize a labeled set. Returns (data or None, problems).
 
@@ -269,6 +274,8 @@ def scan_labeled(root: Path | str, image_size: int, cache_dir: str = "") -> tupl
     files); data is None when there are any.
     """
     root = Path(root)
+    if image_size < 1:
+        raise InputError(f"image size {image_size}: expected a positive number of pixels")
     layout, pairs, problems = discover_labeled(root)
     if not pairs and not problems:
         raise InputError(f"{root}: no image/mask pairs found")
@@ -279,6 +286,7 @@ def scan_labeled(root: Path | str, image_size: int, cache_dir: str = "") -> tupl
     if cached is not None and list(cached["stems"]) == stems:
         data = LabeledData(root, layout, stems, cached["images"], cached["masks"],
                            cached["orig_sizes"], int(cached["grey"]))
+        _warn_grey(root, data.grey_masks, len(data))  # every load says so, not only the first
         return data, problems
     n, s = len(pairs), image_size
     images = np.zeros((n, s, s, 3), np.uint8)
@@ -302,8 +310,7 @@ def scan_labeled(root: Path | str, image_size: int, cache_dir: str = "") -> tupl
         sizes[i] = img.shape[:2]
     if problems:
         return None, problems
-    if grey:
-        log.warning("%s: %d of %d masks had grey levels and were binarised at 127", root, grey, n)
+    _warn_grey(root, grey, n)
     _save_cache(cpath, stems=np.array(stems), images=images, masks=masks, orig_sizes=sizes,
                 grey=np.array(grey))
     return LabeledData(root, layout, stems, images, masks, sizes, grey), problems
@@ -356,7 +363,8 @@ def make_splits(stems: Sequence[str], seed: int, root: Path | str | None = None)
     if n < 3:
         raise InputError(f"{root or 'data'}: {n} labeled pairs; at least 3 are needed for train/val/test splits")
     order = np.random.default_rng(seed).permutation(n)
-    ordered = [sorted(stems)[i] for i in order]
+    by_name = sorted(stems)
+    ordered = [by_name[i] for i in order]
     n_test = max(1, int(round(0.2 * n)))
     n_val = max(1, int(round(0.1 * n)))
     out = {"train": sorted(ordered[n_test + n_val:]), "val": sorted(ordered[n_test:n_test + n_val]),
@@ -365,20 +373,32 @@ def make_splits(stems: Sequence[str], seed: int, root: Path | str | None = None)
 
 
 def read_splits_csv(path: Path, stems: Sequence[str]) -> dict[str, list[str]]:
+    """Splits from a ``stem,split`` CSV (optional header, ``#`` comments); unlisted stems are unused."""
     known = set(stems)
     out: dict[str, list[str]] = {s: [] for s in SPLITS}
-    with open(path, newline="", encoding="utf-8") as f:
-        for lineno, row in enumerate(csv.reader(f), 1):
-            if not row or row[0].startswith("#") or (lineno == 1 and row[0].strip().lower() == "stem"):
-                continue
-            if len(row) < 2:
-                raise InputError(f"{path}:{lineno}: expected 'stem,split'")
-            stem, split = row[0].strip(), row[1].strip().lower()
-            if split not in SPLITS:
-                raise InputError(f"{path}:{lineno}: split '{split}' must be one of train, val, test")
-            if stem not in known:
-                raise InputError(f"{path}:{lineno}: no image/mask pair with stem '{stem}'")
-            out[split].append(stem)
+    where: dict[str, int] = {}
+    try:
+        # utf-8-sig: spreadsheets often write a byte-order mark
+        rows = list(csv.reader(Path(path).read_text(encoding="utf-8-sig").splitlines()))
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text (expected CSV lines 'stem,split')") from None
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror})") from None
+    for lineno, row in enumerate(rows, 1):
+        if not row or row[0].startswith("#") or (lineno == 1 and row[0].strip().lower() == "stem"):
+            continue
+        if len(row) < 2:
+            raise InputError(f"{path}:{lineno}: expected 'stem,split'")
+        stem, split = row[0].strip(), row[1].strip().lower()
+        if split not in SPLITS:
+            raise InputError(f"{path}:{lineno}: split '{split}' must be one of train, val, test")
+        if stem not in known:
+            raise InputError(f"{path}:{lineno}: no image/mask pair with stem '{stem}'")
+        if stem in where:  # the same case in two splits would leak test data into training
+            raise InputError(f"{path}:{lineno}: stem '{stem}' is listed more than once "
+                             f"(first on line {where[stem]})")
+        where[stem] = lineno
+        out[split].append(stem)
     for s in SPLITS:
         if not out[s]:
             raise InputError(f"{path}: the {s} split is empty")

@@ -48,10 +48,10 @@ def print_json(obj: Any) -> None:
 
 
 def _default(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
     if hasattr(o, "tolist"):
         return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
     return str(o)
 
 

@@ -54,17 +54,18 @@ def read_json(path: Path) -> Any:
 
 
 def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):  # numpy/torch scalars and arrays (.item() fails on arrays)
+        return o.tolist()
     if hasattr(o, "item"):
         return o.item()
-    if hasattr(o, "tolist"):
-        return o.tolist()
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    # microseconds: runs created within one second must still sort in creation order (latest())
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 
 def _git_sha() -> str:
@@ -174,22 +175,27 @@ class Run:
 
 
 def new_run_dir(root: Path | str, stage: str, name: str = "") -> Path:
-    """A fresh directory name ``<root>/<stage>/<YYYYmmdd-HHMMSS>[-name]`` (suffixed if taken)."""
+    """Create and return a fresh, empty ``<root>/<stage>/<YYYYmmdd-HHMMSS>[-name]`` (suffixed if taken)."""
     base = Path(root) / stage
+    base.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     stem = f"{stamp}-{name}" if name else stamp
-    path = base / stem
-    i = 1
-    while path.exists():
-        path = base / f"{stem}-{i}"
-        i += 1
-    return path
+    path, i = base / stem, 1
+    while True:
+        try:  # mkdir reserves the name atomically: parallel runs (ablate --jobs) never share one
+            path.mkdir()
+            return path
+        except FileExistsError:
+            path = base / f"{stem}-{i}"
+            i += 1
 
 
 def create_run(path: Path | str, stage: str, config_toml: str, argv: Iterable[str] | None = None,
                device: str = "", extra: dict[str, Any] | None = None) -> Run:
     """Create (or re-open for a fresh start) a run directory and mark it running."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"--out {path}: is a file, not a folder; choose an empty or new folder")
     if path.exists() and any(path.iterdir()):
         meta_path = path / "meta.json"
         if not meta_path.exists():
@@ -270,16 +276,16 @@ def resolve_link(value: str, root: Path | str, stage: str, option: str, required
 
 
 def resume_target(value: str, root: Path | str, stage: str) -> Run:
-    """The run to continue for ``--resume [RUN]``: a named run, else the newest unfinished one."""
+    """The run to continue for ``--resume [--out RUN]``: a named run, else the newest unfinished one."""
     if value and value not in ("latest", "auto"):
         p = Path(value)
         if not (p / "meta.json").is_file():
-            raise InputError(f"--resume {value}: not a qgseg run directory (no meta.json)")
+            raise InputError(f"--out {value}: not a qgseg run directory to resume (no meta.json)")
         run = Run(p)
         if run.stage != stage:
-            raise InputError(f"--resume {value}: is a {run.stage} run, not {stage}")
+            raise InputError(f"--out {value}: is a {run.stage} run, not {stage}")
         if run.status == "completed":
-            raise InputError(f"--resume {value}: run is already completed")
+            raise InputError(f"--out {value}: run is already completed; nothing to resume")
         return run
     candidates = [r for r in find_runs(root, stage, status=None) if r.status != "completed"]
     if not candidates:
@@ -287,19 +293,19 @@ def resume_target(value: str, root: Path | str, stage: str) -> Run:
     return candidates[-1]
 
 
-def start_run(stage: str, loaded: Any, out: Path | str | None, resume: str | None,
+def start_run(stage: str, loaded: Any, out: Path | str | None, resume: bool = False,
               device: str = "", name: str = "") -> tuple[Run, Any, bool]:
     """Create a new run directory for ``stage`` or reopen one for ``--resume``.
 
-    Returns (run, config, resuming). A resumed run continues with the configuration saved in
-    its directory; options given with ``--resume`` other than the run itself are ignored.
+    With ``resume``, ``out`` names the run to continue (default: the newest unfinished run of
+    the stage). Returns (run, config, resuming). A resumed run continues with the configuration
+    saved in its directory; other options given with ``--resume`` are ignored.
     """
     from qgseg.config import dumps_toml, load_run_config
 
     cfg = loaded.config
     if resume:
-        run = resume_target(str(out) if out and resume in ("latest", "auto") else resume,
-                            cfg.runs_root, stage)
+        run = resume_target(str(out) if out else "latest", cfg.runs_root, stage)
         cfg = load_run_config(run.path)
         run.update_meta(resumed=run.meta.get("resumed", 0) + 1)
         run.set_status("running")
