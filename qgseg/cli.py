@@ -46,7 +46,7 @@ DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, c
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.", rich_help_panel="Output")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr; no progress.", rich_help_panel="Output")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.", rich_help_panel="Output")]
-ResumeOpt = Annotated[Optional[str], typer.Option("--resume", help="Continue an interrupted run: a run directory, or 'latest'.", rich_help_panel="Output")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run given by --out, or the newest unfinished run of this command.", rich_help_panel="Output")]
 LabeledOpt = Annotated[Optional[str], typer.Option("--labeled", help="Labeled data folder (images + masks).", rich_help_panel="Data")]
 UnlabeledOpt = Annotated[Optional[str], typer.Option("--unlabeled", help="Unlabeled image folder.", rich_help_panel="Data")]
 SizeOpt = Annotated[Optional[int], typer.Option("--image-size", help="Side length images are resized to.", rich_help_panel="Data")]
@@ -166,7 +166,7 @@ def inspect(
     from qgseg.report import kv_table, setup_logging, stdout_console
 
     setup_logging(quiet, debug)
-    data, problems = scan_labeled(folder, image_size or 64)
+    data, problems = scan_labeled(folder, 64 if image_size is None else image_size)
     result: dict[str, Any] = describe(data) if data is not None else {"root": str(folder), "pairs": 0}
     result["usable"] = not problems
     result["problems"] = problems
@@ -185,6 +185,155 @@ def inspect(
     if problems:
         print(f"qgseg: error: {folder}: {len(problems)} problem(s); first: {problems[0]}", file=sys.stderr)
         raise typer.Exit(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# ssl
+# ---------------------------------------------------------------------------------------------
+@app.command()
+@command
+def ssl(
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="sup, pl-t, pl-c, pl, mt, ua-mt, ict, cl, cps or qar.")] = None,
+    qw: Annotated[Optional[bool], typer.Option("--qw/--no-qw", help="Weight each unlabeled sample's loss by g(x, pseudolabel) (pseudolabel methods).")] = None,
+    qar_weight: Annotated[Optional[float], typer.Option("--qar-weight", help="Add lambda_qar * (1 - g(x_u, f(x_u))) to any method (qar: 0.01).")] = None,
+    quality: Annotated[Optional[str], typer.Option("--quality", help="train-quality run with g (default: newest completed).")] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", help="unetpp, attention-unet, swin-unet, unet or any smp architecture.")] = None,
+    encoder: Annotated[Optional[str], typer.Option("--encoder", help="smp encoder name (default: the architecture's).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Maximum epochs (train.epochs).")] = None,
+    labeled: LabeledOpt = None, unlabeled: UnlabeledOpt = None, image_size: SizeOpt = None,
+    config: ConfigOpt = None, preset: PresetOpt = None, sets: SetOpt = None, out: OutOpt = None,
+    seed: SeedOpt = None, device: DeviceOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False,
+    debug: DebugOpt = False, resume: ResumeOpt = None,
+) -> None:
+    """Phase 2: train a segmenter on labeled + unlabeled images (optionally guided by g), test it."""
+    from qgseg.report import Reporter, kv_table, mean_se_str
+    from qgseg.ssl import run_ssl
+
+    opts: dict[str, Any] = {"ssl.method": method, "ssl.qw": qw, "ssl.qar_weight": qar_weight, "ssl.quality": quality,
+                            "model.arch": arch, "model.encoder": encoder, "train.epochs": epochs,
+                            "data.labeled": labeled, "data.unlabeled": unlabeled, "data.image_size": image_size,
+                            "seed": seed, "device": device}
+    if arch is not None and encoder is None:
+        opts["model.encoder"] = ""  # --arch alone: that architecture's default encoder
+    ctx = _setup(preset, config, sets, opts, json_out, quiet, debug)
+    run, summary = run_ssl(ctx.loaded, out=out, resume=resume, reporter=Reporter(quiet=quiet))
+
+    def render():
+        s = summary
+        shown: dict[str, Any] = {
+            "method": s["method"] + (" + QW" if s["qw"] else "") + (f" + QAR {s['qar_weight']:g}"
+                                                                      if s["qar_weight"] and s["method"] != "qar" else ""),
+            "model": f"{s['arch']} / {s['encoder']} ({s['parameters'] / 1e6:.2f}M parameters)",
+            "test DSC": mean_se_str(s.get("test_dsc"), s.get("test_dsc_se") or 0.0),
+            "test IoU": mean_se_str(s.get("test_iou"), s.get("test_iou_se") or 0.0),
+            "test HD95 (px)": mean_se_str(s.get("test_hd95"), s.get("test_hd95_se") or 0.0, 2)
+            + (f" ({s['test_hd95_undefined']} undefined)" if s.get("test_hd95_undefined") else ""),
+        }
+        if s.get("test_pred_quality") is not None:
+            shown["predicted quality g"] = mean_se_str(s["test_pred_quality"], s.get("test_pred_quality_se") or 0.0)
+            shown["corr(g, DSC)"] = s.get("test_quality_pearson")
+        shown.update({"test cases": s["n_test"], "train / val / unlabeled": f"{s['n_train']} / {s['n_val']} / "
+                      f"{s['n_unlabeled']}", "best epoch": f"{s['best_epoch']} of {s['epochs_run']} (val DSC "
+                      f"{s['best_val_dsc']:.4f})", "g": s["quality_run"] or "-", "run": s["run"]})
+        return kv_table("ssl: test results (mean ± standard error over cases)", shown)
+
+    _emit(json_out, summary, render)
+
+
+# ---------------------------------------------------------------------------------------------
+# phase 1
+# ---------------------------------------------------------------------------------------------
+def _summary_table(title: str, summary: dict[str, Any], skip: tuple[str, ...] = ()) -> Any:
+    from qgseg.report import kv_table
+
+    return kv_table(title, {k: v for k, v in summary.items() if k not in skip})
+
+
+@app.command()
+@command
+def corrupt(
+    labeled: LabeledOpt = None,
+    k: Annotated[Optional[int], typer.Option("--k", help="Corrupted masks per training image (K).")] = None,
+    weak: Annotated[Optional[str], typer.Option("--weak", help="train-weak run for Type 2 masks (default: newest matching one).")] = None,
+    p_weak: Annotated[Optional[float], typer.Option("--p-weak", help="Probability of a Type 2 (weak model) mask.")] = None,
+    image_size: SizeOpt = None,
+    config: ConfigOpt = None, preset: PresetOpt = None, sets: SetOpt = None, out: OutOpt = None,
+    seed: SeedOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Materialise D_Q: K corrupted masks per training image with their Dice (plus val/test sets)."""
+    from qgseg.report import rows_table
+
+    ctx = _setup(preset, config, sets, {"data.labeled": labeled, "corrupt.k": k, "weak.run": weak,
+                                        "corrupt.p_weak": p_weak, "data.image_size": image_size,
+                                        "seed": seed}, json_out, quiet, debug)
+    from qgseg.phase1 import run_corrupt  # after the config check: config errors answer without torch
+
+    run, summary = run_corrupt(ctx.loaded, out=out)
+
+    def render():
+        from rich.console import Group
+
+        cats = rows_table("masks per category", ["category", "masks"], sorted(summary["categories"].items()))
+        qs = rows_table("Dice of D_Q (train)", ["quantile", "dice"], list(summary["dice_quantiles"].items())
+                        + [("share < 0.5", summary["share_below_0.5"]), ("share > 0.9", summary["share_above_0.9"])])
+        return Group(cats, qs, f"run: {summary['run']}")
+
+    _emit(json_out, summary, render)
+
+
+@app.command("train-weak")
+@command
+def train_weak(
+    labeled: LabeledOpt = None,
+    epochs_at: Annotated[Optional[str], typer.Option("--epochs-at", help="Epochs after which to keep a checkpoint, e.g. 1,3,5,10,15,20.")] = None,
+    image_size: SizeOpt = None,
+    config: ConfigOpt = None, preset: PresetOpt = None, sets: SetOpt = None, out: OutOpt = None,
+    seed: SeedOpt = None, device: DeviceOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False,
+    debug: DebugOpt = False, resume: ResumeOpt = False,
+) -> None:
+    """Train the weak U-Net whose early checkpoints give Type 2 corrupted masks."""
+    from qgseg.config import parse_set
+    from qgseg.report import Reporter, rows_table
+
+    opts: dict[str, Any] = {"data.labeled": labeled, "data.image_size": image_size, "seed": seed, "device": device}
+    if epochs_at is not None:
+        opts.update(parse_set([f"weak.epochs_at={epochs_at}"]))
+    ctx = _setup(preset, config, sets, opts, json_out, quiet, debug)
+    from qgseg.weak import run_train_weak
+
+    run, summary = run_train_weak(ctx.loaded, out=out, resume=resume, reporter=Reporter(quiet=quiet))
+    rows = [(c["epoch"], c["train_dice"], c["val_dice"], c["test_dice"]) for c in summary["checkpoints"]]
+    _emit(json_out, summary, lambda: rows_table(f"weak checkpoints ({summary['run']})",
+                                                ["epoch", "train Dice", "val Dice", "test Dice"], rows))
+
+
+@app.command("train-quality")
+@command
+def train_quality(
+    labeled: LabeledOpt = None,
+    corrupt_run: Annotated[Optional[str], typer.Option("--corrupt", help="corrupt run with D_Q (default: generate it).")] = None,
+    weak: Annotated[Optional[str], typer.Option("--weak", help="train-weak run for Type 2 masks (default: newest matching one).")] = None,
+    backbone: Annotated[Optional[str], typer.Option("--backbone", help="timm backbone of g, e.g. resnet18.")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Maximum epochs (quality.epochs).")] = None,
+    k: Annotated[Optional[int], typer.Option("--k", help="Corrupted masks per training image (K).")] = None,
+    weights_file: Annotated[Optional[str], typer.Option("--weights-file", help="Local pretrained weights for the backbone.")] = None,
+    image_size: SizeOpt = None,
+    config: ConfigOpt = None, preset: PresetOpt = None, sets: SetOpt = None, out: OutOpt = None,
+    seed: SeedOpt = None, device: DeviceOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False,
+    debug: DebugOpt = False, resume: ResumeOpt = False,
+) -> None:
+    """Train the quality predictor g(image, mask) ~ Dice and test its grounding in the image."""
+    from qgseg.report import Reporter
+
+    ctx = _setup(preset, config, sets, {"data.labeled": labeled, "corrupt.run": corrupt_run, "weak.run": weak,
+                                        "quality.backbone": backbone, "quality.epochs": epochs, "corrupt.k": k,
+                                        "quality.weights_file": weights_file, "data.image_size": image_size,
+                                        "seed": seed, "device": device}, json_out, quiet, debug)
+    from qgseg.phase1 import run_train_quality
+
+    run, summary = run_train_quality(ctx.loaded, out=out, resume=resume, reporter=Reporter(quiet=quiet))
+    _emit(json_out, summary, lambda: _summary_table(f"quality predictor g ({summary['run']})", summary,
+                                                     skip=("run", "stage")))
 
 
 def main() -> None:

@@ -264,6 +264,8 @@ class Engine:
             if math.isnan(value):
                 improved = False
             self.epoch = epoch
+            if hasattr(self.task, "on_epoch_end"):
+                self.task.on_epoch_end(epoch)
             if improved:
                 self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
                 self.save_best()

@@ -1,0 +1,725 @@
+"""Type 1 mask corruptions (seeded) and their Dice targets for training the quality predictor g.
+
+Every operation is a callable ``op(mask, rng) -> mask`` on uint8 (H,W) {0,1} masks. Sizes in
+DESIGN.md (kernels, radii, shift lengths) are given for 224 px images; here they are scaled by
+``sqrt(H*W) / 224`` (kernels stay odd and >= 3). A :class:`Corruptor` draws a category with the
+probabilities in :data:`CATEGORIES`, then operations within it; :func:`corrupt_dataset` makes K
+samples per case with one independent generator per sample.
+
+Not thread-safe (the albumentations transforms are shared and re-seeded per call); parallelise
+with processes.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import os
+import random
+import zipfile
+from collections.abc import Callable
+from types import ModuleType
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+
+from qgseg.errors import InputError
+
+if TYPE_CHECKING:
+    import albumentations as A
+    import pandas as pd
+
+Op = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+CATEGORIES: dict[str, float] = {
+    "identity": 0.20,
+    "single": 0.28,
+    "chained": 0.18,
+    "cross_image": 0.10,
+    "heavy": 0.12,
+    "catastrophic": 0.05,
+    "blob": 0.07,
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Dice
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice similarity of two binary masks; 1.0 when both are empty."""
+    a = np.asarray(a) != 0
+    b = np.asarray(b) != 0
+    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
+    if total == 0:
+        return 1.0
+    return 2.0 * int(np.count_nonzero(a & b)) / total
+
+
+def dice_batch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-sample Dice of (N,H,W) x (N,H,W) binary masks as (N,) float32; 1.0 where both are empty."""
+    a = np.asarray(a)
+    b = np.asarray(b)
+    if a.shape != b.shape or a.ndim < 1:
+        raise ValueError(f"dice_batch: shapes differ or are scalar: {a.shape} vs {b.shape}")
+    per = int(np.prod(a.shape[1:]))
+    a = (a != 0).reshape(len(a), per)
+    b = (b != 0).reshape(len(b), per)
+    inter = np.count_nonzero(a & b, axis=1).astype(np.float64)
+    total = np.count_nonzero(a, axis=1) + np.count_nonzero(b, axis=1)
+    out = np.ones(len(a), np.float64)
+    nz = total > 0
+    out[nz] = 2.0 * inter[nz] / total[nz]
+    return out.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _as_mask(mask: np.ndarray) -> np.ndarray:
+    m = np.asarray(mask)
+    if m.ndim != 2:
+        raise ValueError(f"mask must be 2-D (H,W), got shape {m.shape}")
+    if m.dtype == np.uint8 and m.flags.c_contiguous and m.max(initial=0) <= 1:
+        return m
+    return np.ascontiguousarray(m != 0, dtype=np.uint8)
+
+
+def _scale(mask: np.ndarray) -> float:
+    h, w = mask.shape
+    return float(np.sqrt(h * w)) / 224.0
+
+
+def _kernel(k224: int, mask: np.ndarray) -> int:
+    return max(3, int(round(k224 * _scale(mask))) | 1)
+
+
+def _radius(r224: float, mask: np.ndarray) -> int:
+    return max(1, int(round(r224 * _scale(mask))))
+
+
+def _centroid(m: np.ndarray) -> tuple[float, float]:
+    mo = cv2.moments(m, binaryImage=True)
+    if mo["m00"] == 0:
+        h, w = m.shape
+        return (w - 1) / 2.0, (h - 1) / 2.0
+    return mo["m10"] / mo["m00"], mo["m01"] / mo["m00"]
+
+
+def _warp(m: np.ndarray, mat: np.ndarray) -> np.ndarray:
+    """Affine warp of a {0,1} mask; bilinear on 0/255 then threshold gives smooth edges."""
+    h, w = m.shape
+    out = cv2.warpAffine(m * np.uint8(255), mat, (w, h), flags=cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return (out > 127).astype(np.uint8)
+
+
+def _points(m: np.ndarray) -> np.ndarray | None:
+    """All outer-contour points of the mask as (P,1,2) int32, or None when empty."""
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return None
+    return np.concatenate(contours, axis=0)
+
+
+def _random_fg(m: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray:
+    """n random foreground pixel coordinates as (n,2) (x, y); empty array when none."""
+    idx = np.flatnonzero(m)
+    if idx.size == 0:
+        return np.empty((0, 2), np.int64)
+    pick = idx[rng.integers(0, idx.size, size=n)]
+    w = m.shape[1]
+    return np.stack([pick % w, pick // w], axis=1)
+
+
+def _random_bg_near(m: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray:
+    """n random background pixels near the lesion (its box grown by a quarter of the image)."""
+    h, w = m.shape
+    ys, xs = np.nonzero(m)
+    if xs.size == 0:
+        x0, x1, y0, y1 = 0, w - 1, 0, h - 1
+    else:
+        mx, my = int(0.25 * w), int(0.25 * h)
+        x0, x1 = max(0, xs.min() - mx), min(w - 1, xs.max() + mx)
+        y0, y1 = max(0, ys.min() - my), min(h - 1, ys.max() + my)
+    cx = rng.integers(x0, x1 + 1, size=16 * n)
+    cy = rng.integers(y0, y1 + 1, size=16 * n)
+    ok = m[cy, cx] == 0
+    if ok.sum() < n:  # lesion fills its neighbourhood: take background anywhere
+        idx = np.flatnonzero(m == 0)
+        if idx.size == 0:
+            return np.empty((0, 2), np.int64)
+        pick = idx[rng.integers(0, idx.size, size=n)]
+        return np.stack([pick % w, pick // w], axis=1)
+    return np.stack([cx[ok][:n], cy[ok][:n]], axis=1)
+
+
+def _discs(m: np.ndarray, centres: np.ndarray, radii: np.ndarray, value: int) -> np.ndarray:
+    out = m.copy()
+    for (x, y), r in zip(centres, radii):
+        cv2.circle(out, (int(x), int(y)), int(r), value, thickness=-1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# operations (sizes are for 224 px and scaled inside)
+
+
+def _erode(m: np.ndarray, rng: np.random.Generator, k: int) -> np.ndarray:
+    m = _as_mask(m)
+    s = _kernel(k, m)
+    return cv2.erode(m, np.ones((s, s), np.uint8))
+
+
+def _dilate(m: np.ndarray, rng: np.random.Generator, k: int) -> np.ndarray:
+    m = _as_mask(m)
+    s = _kernel(k, m)
+    return cv2.dilate(m, np.ones((s, s), np.uint8))
+
+
+def _morph(m: np.ndarray, rng: np.random.Generator, k: int, op: int) -> np.ndarray:
+    m = _as_mask(m)
+    s = _kernel(k, m)
+    return cv2.morphologyEx(m, op, np.ones((s, s), np.uint8))
+
+
+def _ellipse(m: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    m = _as_mask(m)
+    pts = _points(m)
+    if pts is None or len(pts) < 5:
+        return m.copy()
+    (cx, cy), (a, b), ang = cv2.fitEllipse(pts)
+    if not np.isfinite([cx, cy, a, b, ang]).all():
+        return _convex_hull(m, rng)
+    out = np.zeros_like(m)
+    cv2.ellipse(out, ((cx, cy), (max(a, 1.0), max(b, 1.0)), ang), 1, thickness=-1)
+    return out
+
+
+def _convex_hull(m: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    m = _as_mask(m)
+    pts = _points(m)
+    if pts is None:
+        return m.copy()
+    out = np.zeros_like(m)
+    cv2.fillPoly(out, [cv2.convexHull(pts)], 1)
+    return out
+
+
+def _bbox(m: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    m = _as_mask(m)
+    x, y, w, h = cv2.boundingRect(m)
+    out = np.zeros_like(m)
+    out[y:y + h, x:x + w] = 1
+    return out
+
+
+def _polygon(m: np.ndarray, rng: np.random.Generator, sides: int) -> np.ndarray:
+    """Polygon through `sides` points evenly spaced along the largest outer contour."""
+    m = _as_mask(m)
+    contours, _ = cv2.findContours(m, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    if not contours:
+        return m.copy()
+    c = max(contours, key=len)[:, 0, :]
+    if len(c) < sides:
+        return m.copy()
+    start = rng.integers(0, len(c))
+    idx = (start + np.round(np.arange(sides) * len(c) / sides).astype(np.int64)) % len(c)
+    out = np.zeros_like(m)
+    cv2.fillPoly(out, [c[idx].astype(np.int32).reshape(-1, 1, 2)], 1)
+    return out
+
+
+def _jagged(m: np.ndarray, rng: np.random.Generator, k: int) -> np.ndarray:
+    """Resample the boundary band (dilation minus erosion) as Bernoulli(0.5) noise."""
+    m = _as_mask(m)
+    s = _kernel(k, m)
+    kern = np.ones((s, s), np.uint8)
+    inner = cv2.erode(m, kern)
+    band = cv2.dilate(m, kern) - inner
+    noise = rng.random(m.shape, dtype=np.float32) < 0.5
+    return inner | (band & noise).astype(np.uint8)
+
+
+def _smooth(m: np.ndarray, rng: np.random.Generator, k: int) -> np.ndarray:
+    m = _as_mask(m)
+    s = _kernel(k, m)
+    blur = cv2.GaussianBlur(m.astype(np.float32), (s, s), 0)
+    return (blur >= 0.5).astype(np.uint8)
+
+
+def _albumentations() -> ModuleType:
+    # imported on first use: albumentations pulls in torch, seconds of start-up for every op
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    import albumentations
+
+    return albumentations
+
+
+@functools.lru_cache(maxsize=64)
+def _elastic_transform(alpha: float, sigma: float) -> A.ElasticTransform:
+    # noise_distribution="uniform" keeps albumentations 1.x semantics (uniform noise in [-1, 1],
+    # blurred, times alpha); 2.x's default Gaussian noise is rescaled by its maximum, which makes
+    # the paper's alpha=30 a sub-pixel no-op.
+    return _albumentations().ElasticTransform(alpha=alpha, sigma=sigma, noise_distribution="uniform",
+                              interpolation=cv2.INTER_LINEAR, p=1.0)
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_transform(num_steps: int, limit: float) -> A.GridDistortion:
+    return _albumentations().GridDistortion(num_steps=num_steps, distort_limit=limit,
+                            interpolation=cv2.INTER_LINEAR, p=1.0)
+
+
+def _run_album(t: A.BasicTransform, m: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    # The transform is shared (cached); seeding it from rng right before the call keeps every
+    # sample reproducible from its own generator.
+    t.set_random_state(rng, random.Random(int(rng.integers(0, 2**63))))
+    out = t(image=m * np.uint8(255))["image"]
+    return (out > 127).astype(np.uint8)
+
+
+def _elastic(m: np.ndarray, rng: np.random.Generator, alpha: float, sigma: float) -> np.ndarray:
+    m = _as_mask(m)
+    s = _scale(m)
+    return _run_album(_elastic_transform(round(alpha * s, 3), round(max(sigma * s, 1.0), 3)), m, rng)
+
+
+def _grid(m: np.ndarray, rng: np.random.Generator, steps: int, limit: float) -> np.ndarray:
+    m = _as_mask(m)
+    steps = max(1, min(steps, min(m.shape) // 2))
+    return _run_album(_grid_transform(steps, limit), m, rng)
+
+
+def _holes(m: np.ndarray, rng: np.random.Generator, n: int, rmin: float, rmax: float) -> np.ndarray:
+    m = _as_mask(m)
+    centres = _random_fg(m, rng, n)
+    radii = [_radius(r, m) for r in rng.uniform(rmin, rmax, size=len(centres))]
+    return _discs(m, centres, np.asarray(radii), 0)
+
+
+def _islands(m: np.ndarray, rng: np.random.Generator, n: int, rmin: float, rmax: float) -> np.ndarray:
+    m = _as_mask(m)
+    centres = _random_bg_near(m, rng, n)
+    radii = [_radius(r, m) for r in rng.uniform(rmin, rmax, size=len(centres))]
+    return _discs(m, centres, np.asarray(radii), 1)
+
+
+def _holes_islands(m: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return _islands(_holes(m, rng, 2, 5, 15), rng, 2, 5, 15)
+
+
+def _keep_largest(m: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    m = _as_mask(m)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    if n <= 2:
+        return m.copy()
+    big = 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+    return (labels == big).astype(np.uint8)
+
+
+def _drop_component(m: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Remove one random connected component (only when there are at least two)."""
+    m = _as_mask(m)
+    n, labels = cv2.connectedComponents(m, connectivity=8)
+    if n <= 2:
+        return m.copy()
+    drop = int(rng.integers(1, n))
+    return ((labels != drop) & (m != 0)).astype(np.uint8)
+
+
+def _rect_dropout(m: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Zero one rectangle (sides 10-30% of the image) centred on a random lesion pixel."""
+    m = _as_mask(m)
+    c = _random_fg(m, rng, 1)
+    if len(c) == 0:
+        return m.copy()
+    h, w = m.shape
+    rw, rh = rng.uniform(0.1, 0.3, size=2) * (w, h)
+    x, y = c[0]
+    out = m.copy()
+    out[max(0, int(y - rh / 2)):int(y + rh / 2) + 1, max(0, int(x - rw / 2)):int(x + rw / 2) + 1] = 0
+    return out
+
+
+def _shift(m: np.ndarray, rng: np.random.Generator, frac: float) -> np.ndarray:
+    """Translate by `frac` of the image size in a random direction."""
+    m = _as_mask(m)
+    h, w = m.shape
+    theta = rng.uniform(0, 2 * np.pi)
+    dx, dy = int(round(frac * w * np.cos(theta))), int(round(frac * h * np.sin(theta)))
+    out = np.zeros_like(m)
+    src = m[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
+    out[max(0, dy):max(0, dy) + src.shape[0], max(0, dx):max(0, dx) + src.shape[1]] = src
+    return out
+
+
+def _scale_op(m: np.ndarray, rng: np.random.Generator, lo: float, hi: float) -> np.ndarray:
+    m = _as_mask(m)
+    mat = cv2.getRotationMatrix2D(_centroid(m), 0.0, float(rng.uniform(lo, hi)))
+    return _warp(m, mat)
+
+
+def _rotate(m: np.ndarray, rng: np.random.Generator, deg: float) -> np.ndarray:
+    m = _as_mask(m)
+    mat = cv2.getRotationMatrix2D(_centroid(m), float(deg * rng.choice((-1.0, 1.0))), 1.0)
+    return _warp(m, mat)
+
+
+def _affine(m: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    m = _as_mask(m)
+    h, w = m.shape
+    mat = cv2.getRotationMatrix2D(_centroid(m), float(rng.uniform(-15, 15)), float(rng.uniform(0.9, 1.1)))
+    mat[:, 2] += rng.uniform(-0.1, 0.1, size=2) * (w, h)
+    return _warp(m, mat)
+
+
+def _lesion_geometry(m: np.ndarray, rng: np.random.Generator) -> tuple[float, float, float, np.ndarray]:
+    """Centre (x, y), area and 2x2 covariance of the lesion; a random small blob when empty."""
+    h, w = m.shape
+    mo = cv2.moments(m, binaryImage=True)
+    if mo["m00"] == 0:
+        r = rng.uniform(0.05, 0.15) * np.sqrt(h * w)
+        cx, cy = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h
+        return cx, cy, np.pi * r * r, np.eye(2) * (r * r / 4)
+    cx, cy = mo["m10"] / mo["m00"], mo["m01"] / mo["m00"]
+    cov = np.array([[mo["mu20"], mo["mu11"]], [mo["mu11"], mo["mu02"]]]) / mo["m00"]
+    return cx, cy, mo["m00"], cov + np.eye(2) * 0.25
+
+
+def _gauss_blob(m: np.ndarray, rng: np.random.Generator, size: float) -> np.ndarray:
+    """A blob of `size` times the lesion's extent around it: a Gaussian shaped like the lesion
+    (moments), its axes jittered, bent by low-frequency noise, thresholded to size**2 x area."""
+    m = _as_mask(m)
+    h, w = m.shape
+    cx, cy, area, cov = _lesion_geometry(m, rng)
+    evals, evecs = np.linalg.eigh(cov)
+    sd = np.sqrt(np.maximum(evals, 0.25)) * size * rng.uniform(0.85, 1.15, size=2)
+    rot = float(rng.uniform(-0.3, 0.3))
+    c, s = np.cos(rot), np.sin(rot)
+    evecs = evecs @ np.array([[c, -s], [s, c]])
+    cx += rng.normal(0, 0.15) * sd.max()
+    cy += rng.normal(0, 0.15) * sd.max()
+    xs = np.arange(w, dtype=np.float32) - np.float32(cx)
+    ys = np.arange(h, dtype=np.float32)[:, None] - np.float32(cy)
+    u = (xs * evecs[0, 0] + ys * evecs[1, 0]) / sd[0]
+    v = (xs * evecs[0, 1] + ys * evecs[1, 1]) / sd[1]
+    # log of the Gaussian plus smooth noise: the noise bends the boundary by a fraction of the
+    # radius without creating far-away islands where the Gaussian itself is ~0
+    noise = cv2.resize(rng.normal(0, 1, (6, 6)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
+    field = -0.5 * (u * u + v * v) + 0.4 * noise
+    target = int(min(h * w, round(area * size * size)))
+    if target <= 0:
+        return np.zeros_like(m)
+    if target >= h * w:
+        return np.ones_like(m)
+    thr = np.partition(field.ravel(), h * w - target)[h * w - target]
+    return (field >= thr).astype(np.uint8)
+
+
+def _circle_blob(m: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A disc of about the lesion's area, centred near its centroid."""
+    m = _as_mask(m)
+    cx, cy, area, _ = _lesion_geometry(m, rng)
+    r = np.sqrt(area / np.pi)
+    radius = max(1, int(round(r * rng.uniform(0.8, 1.25))))
+    cx, cy = cx + rng.normal(0, 0.15 * r), cy + rng.normal(0, 0.15 * r)
+    out = np.zeros_like(m)
+    cv2.circle(out, (int(round(cx)), int(round(cy))), radius, 1, thickness=-1)
+    return out
+
+
+def _invert(m: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return 1 - _as_mask(m)
+
+
+def _empty(m: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.zeros(np.shape(m), np.uint8)
+
+
+def _full(m: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return np.ones(np.shape(m), np.uint8)
+
+
+def _random_density(m: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return (rng.random(np.shape(m), dtype=np.float32) < 0.5).astype(np.uint8)
+
+
+P = functools.partial
+
+# name -> (op, weight within its category)
+_SINGLE: dict[str, tuple[Op, float]] = {
+    "erode_k5": (P(_erode, k=5), 1.0),
+    "erode_k7": (P(_erode, k=7), 1.0),
+    "erode_k9": (P(_erode, k=9), 0.8),
+    "dilate_k5": (P(_dilate, k=5), 1.0),
+    "dilate_k7": (P(_dilate, k=7), 1.0),
+    "dilate_k9": (P(_dilate, k=9), 0.8),
+    "opening_k5": (P(_morph, k=5, op=cv2.MORPH_OPEN), 0.5),
+    "closing_k5": (P(_morph, k=5, op=cv2.MORPH_CLOSE), 0.5),
+    "ellipse": (_ellipse, 0.5),
+    "convex_hull": (_convex_hull, 0.5),
+    "bbox": (_bbox, 0.5),
+    "polygon_3": (P(_polygon, sides=3), 0.5),
+    "polygon_5": (P(_polygon, sides=5), 0.5),
+    "polygon_8": (P(_polygon, sides=8), 0.5),
+    "jagged_k3": (P(_jagged, k=3), 0.5),
+    "jagged_k5": (P(_jagged, k=5), 0.5),
+    "smooth_g11": (P(_smooth, k=11), 0.5),
+    "smooth_g15": (P(_smooth, k=15), 0.5),
+    "elastic_light": (P(_elastic, alpha=30, sigma=4), 1.0),
+    "elastic_heavy": (P(_elastic, alpha=60, sigma=5), 1.0),
+    "grid_light": (P(_grid, steps=5, limit=0.2), 1.0),
+    "grid_heavy": (P(_grid, steps=8, limit=0.4), 1.0),
+    "holes_small": (P(_holes, n=2, rmin=3, rmax=8), 1.0),
+    "holes_large": (P(_holes, n=3, rmin=8, rmax=15), 1.0),
+    "islands": (P(_islands, n=2, rmin=3, rmax=8), 1.0),
+    "holes_islands": (_holes_islands, 1.0),
+    "keep_largest": (_keep_largest, 0.5),
+    "drop_component": (_drop_component, 0.5),
+    "rect_dropout": (_rect_dropout, 1.0),
+    "shift_0.1": (P(_shift, frac=0.1), 1.0),
+    "shift_0.2": (P(_shift, frac=0.2), 1.0),
+    "shift_0.3": (P(_shift, frac=0.3), 1.0),
+    "scale_down": (P(_scale_op, lo=0.75, hi=0.9), 1.0),
+    "scale_up": (P(_scale_op, lo=1.1, hi=1.25), 1.0),
+    "rotate_15": (P(_rotate, deg=15), 0.5),
+    "rotate_30": (P(_rotate, deg=30), 0.5),
+    "affine": (_affine, 1.0),
+}
+_BLOB: dict[str, tuple[Op, float]] = {
+    "gauss_blob_1.0": (P(_gauss_blob, size=1.0), 0.5),
+    "gauss_blob_1.2": (P(_gauss_blob, size=1.2), 0.5),
+    "circle_blob": (_circle_blob, 0.5),
+}
+_HEAVY: dict[str, tuple[Op, float]] = {
+    "heavy_erode": (P(_erode, k=11), 1.0),
+    "heavy_dilate": (P(_dilate, k=11), 1.0),
+    "heavy_shift": (P(_shift, frac=0.4), 1.0),
+    "heavy_scale_down": (P(_scale_op, lo=0.5, hi=0.7), 0.5),
+    "heavy_scale_up": (P(_scale_op, lo=1.4, hi=1.6), 0.5),
+    "heavy_grid": (P(_grid, steps=12, limit=0.6), 1.0),
+    "heavy_holes": (P(_holes, n=5, rmin=10, rmax=20), 1.0),
+}
+_CATASTROPHIC: dict[str, tuple[Op, float]] = {
+    "invert": (_invert, 1.0),
+    "empty": (_empty, 0.5),
+    "full": (_full, 0.5),
+    "random_density": (_random_density, 0.3),
+}
+
+OPS: dict[str, Op] = {name: op for table in (_SINGLE, _BLOB, _HEAVY, _CATASTROPHIC)
+                      for name, (op, _) in table.items()}
+
+#: Weights of the operations drawn within each category ("single" also draws the blobs, as in
+#: DESIGN's list of single operations; "chained" draws from the single operations without blobs).
+WEIGHTS: dict[str, dict[str, float]] = {
+    "single": {n: w for n, (_, w) in (_SINGLE | _BLOB).items()},
+    "chained": {n: w for n, (_, w) in _SINGLE.items()},
+    "heavy": {n: w for n, (_, w) in _HEAVY.items()},
+    "catastrophic": {n: w for n, (_, w) in _CATASTROPHIC.items()},
+    "blob": {n: w for n, (_, w) in _BLOB.items()},
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# sampling
+
+
+class _Table:
+    """Names and cumulative probabilities for fast weighted draws."""
+
+    def __init__(self, weights: dict[str, float]):
+        self.names = list(weights)
+        p = np.asarray(list(weights.values()), np.float64)
+        self.p = p / p.sum()
+        self.cum = np.cumsum(self.p)
+        self.cum[-1] = 1.0
+
+    def draw(self, rng: np.random.Generator) -> str:
+        return self.names[int(np.searchsorted(self.cum, rng.random(), side="right"))]
+
+    def draw_distinct(self, rng: np.random.Generator, n: int) -> list[str]:
+        idx = rng.choice(len(self.names), size=n, replace=False, p=self.p)
+        return [self.names[i] for i in idx]
+
+
+_CATEGORY_TABLE = _Table(CATEGORIES)
+_OP_TABLES = {cat: _Table(w) for cat, w in WEIGHTS.items()}
+
+
+class Corruptor:
+    """Draws Type 1 corruptions of a fixed set of ground-truth masks."""
+
+    def __init__(self, masks: np.ndarray):
+        masks = np.asarray(masks)
+        if masks.ndim != 3:
+            raise InputError(f"masks: expected an (N,H,W) array, got shape {masks.shape}")
+        self.masks = np.ascontiguousarray(masks != 0, dtype=np.uint8)
+        n = len(self.masks)
+        self.areas = self.masks.reshape(n, -1).sum(axis=1, dtype=np.int64)
+        self._n_near = max(1, int(np.ceil(0.2 * (n - 1)))) if n > 1 else 0
+        self._partners: dict[int, np.ndarray] = {}
+
+    def partners(self, i: int) -> np.ndarray:
+        """Cross-image candidates for case i: the 20% of the other cases closest in mask area
+        (ties broken by index), closest first."""
+        if i not in self._partners:
+            n = len(self.masks)
+            key = np.abs(self.areas - self.areas[i]) * n + np.arange(n)  # unique keys: stable ties
+            key[i] = np.iinfo(np.int64).max
+            near = np.argpartition(key, self._n_near - 1)[:self._n_near]
+            self._partners[i] = near[np.argsort(key[near])]
+        return self._partners[i]
+
+    def __len__(self) -> int:
+        return len(self.masks)
+
+    def sample(self, i: int, rng: np.random.Generator) -> tuple[np.ndarray, str, list[str]]:
+        """One corrupted version of masks[i]: (mask, category, op names)."""
+        gt = self.masks[i]
+        category = _CATEGORY_TABLE.draw(rng)
+        if category == "cross_image" and self._n_near == 0:
+            category = "single"  # a single case has no other image to borrow from
+        if category == "identity":
+            return gt.copy(), category, []
+        if category == "cross_image":
+            partners = self.partners(i)
+            j = int(partners[rng.integers(0, len(partners))])
+            return self.masks[j].copy(), category, [f"cross_{j}"]
+        if category == "chained":
+            names = _OP_TABLES["chained"].draw_distinct(rng, int(rng.integers(2, 4)))
+        else:
+            names = [_OP_TABLES[category].draw(rng)]
+        m = gt
+        for name in names:
+            m = OPS[name](m, rng)
+        return m, category, names
+
+
+# ----------------------------------------------------------------------------------------------
+# data set of corrupted masks
+
+
+@dataclass
+class CorruptedSet:
+    """K corrupted masks per case with their Dice against the case's ground truth."""
+
+    case: np.ndarray  # (M,) int32 index into the input masks
+    masks: np.ndarray  # (M,H,W) uint8 {0,1}
+    dice: np.ndarray  # (M,) float32
+    category: list[str]
+    ops: list[str]  # "+"-joined op names ("" for identity)
+
+    def __len__(self) -> int:
+        return len(self.case)
+
+    def index_frame(self, stems: list[str]) -> pd.DataFrame:
+        """One row per sample: stem of its case, k (sample number within the case), category,
+        ops, dice."""
+        import pandas as pd
+
+        if len(self.case) and int(self.case.max()) >= len(stems):
+            raise InputError(f"stems: {len(stems)} given but the set refers to case {int(self.case.max())}")
+        case = pd.Series(self.case)
+        return pd.DataFrame({
+            "stem": [stems[c] for c in self.case],
+            "k": case.groupby(case).cumcount().to_numpy(),
+            "category": list(self.category),
+            "ops": list(self.ops),
+            "dice": self.dice.astype(np.float32),
+        })
+
+
+def corrupt_dataset(masks: np.ndarray, k: int, seed: int, weak: np.ndarray | None = None,
+                    p_weak: float = 0.05) -> CorruptedSet:
+    """K corrupted masks per input mask.
+
+    Sample j of case i uses its own rng ``np.random.default_rng([seed, i, j])`` so results do not
+    depend on order (and could be computed in parallel). ``weak``: optional (C,N,H,W) uint8
+    predictions of C weak-model checkpoints; with probability ``p_weak`` a sample is instead the
+    prediction of a uniformly chosen checkpoint (category "weak", ops "weak_ckpt<c>").
+    """
+    if k < 1:
+        raise InputError(f"corrupt.k: expected a positive integer, got {k}")
+    if not 0.0 <= p_weak <= 1.0:
+        raise InputError(f"corrupt.p_weak: expected a probability in [0, 1], got {p_weak}")
+    cor = Corruptor(masks)
+    n, h, w = cor.masks.shape
+    if weak is not None:
+        weak = np.asarray(weak)
+        if weak.ndim != 4 or weak.shape[1:] != (n, h, w) or weak.shape[0] < 1:
+            raise InputError(f"weak: expected (C,{n},{h},{w}) predictions, got shape {weak.shape}")
+    m_total = n * k
+    out = np.empty((m_total, h, w), np.uint8)
+    case = np.repeat(np.arange(n, dtype=np.int32), k)
+    d = np.empty(m_total, np.float32)
+    category: list[str] = []
+    ops: list[str] = []
+    row = 0
+    for i in range(n):
+        for j in range(k):
+            rng = np.random.default_rng([seed, i, j])
+            if weak is not None and rng.random() < p_weak:
+                c = int(rng.integers(0, weak.shape[0]))
+                out[row] = weak[c, i] != 0
+                category.append("weak")
+                ops.append(f"weak_ckpt{c}")
+            else:
+                m, cat, names = cor.sample(i, rng)
+                out[row] = m
+                category.append(cat)
+                ops.append("+".join(names))
+            d[row] = dice(out[row], cor.masks[i])  # per row: no (M,H,W) temporaries
+            row += 1
+    return CorruptedSet(case=case, masks=out, dice=d, category=category, ops=ops)
+
+
+def _encode(strings: list[str]) -> np.ndarray:
+    # bytes ("S") rather than numpy unicode, which takes 4 bytes per character
+    return np.array([s.encode("utf-8") for s in strings], dtype=bytes) if strings else np.zeros(0, "S1")
+
+
+def _decode(arr: np.ndarray) -> list[str]:
+    return [b.decode("utf-8") for b in arr.tolist()]
+
+
+def save_set(cs: CorruptedSet, path: Path) -> None:
+    """Write the set as one .npz (bit-packed masks), atomically (tmp file then os.replace)."""
+    path = Path(path)
+    m, h, w = cs.masks.shape
+    packed = np.packbits(cs.masks.reshape(m, -1) != 0, axis=1)
+    buf = io.BytesIO()
+    np.savez(buf, packed=packed, shape=np.array([m, h, w], np.int64),
+             case=cs.case.astype(np.int32), dice=cs.dice.astype(np.float32),
+             category=_encode(cs.category), ops=_encode(cs.ops))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(buf.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_set(path: Path) -> CorruptedSet:
+    """Read a set written by :func:`save_set`."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            m, h, w = (int(v) for v in z["shape"])
+            masks = np.unpackbits(z["packed"], axis=1, count=h * w).reshape(m, h, w)
+            return CorruptedSet(case=z["case"].astype(np.int32), masks=masks,
+                                dice=z["dice"].astype(np.float32),
+                                category=_decode(z["category"]), ops=_decode(z["ops"]))
+    except FileNotFoundError:
+        raise InputError(f"{path}: corrupted-mask set not found") from None
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path}: not a corrupted-mask set written by qgseg ({e})") from None

@@ -1,0 +1,303 @@
+"""Phase 1 stages: ``corrupt`` (materialise D_Q) and ``train-quality`` (learn g ~ Dice).
+
+D_Q pairs each training image with K corrupted versions of its mask (Type 1 synthetic
+corruptions and, with probability p_weak, Type 2 weak-model predictions) and their Dice to the
+ground truth. Validation and test sets are corruptions of the val and test images with a seed
+fixed by the split seed, so every g trained on the same split is judged on the same masks.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from qgseg import data as D
+from qgseg.config import Config, load_run_config
+from qgseg.corrupt import CorruptedSet, corrupt_dataset, load_set, save_set
+from qgseg.engine import Engine, FitSettings, load_checkpoint, load_modules, resolve_device
+from qgseg.errors import InputError
+from qgseg.metrics import regression_metrics
+from qgseg.report import Reporter
+from qgseg.runs import Run, find_runs, read_json, resolve_link, start_run, write_json
+
+log = logging.getLogger("qgseg")
+
+SPLIT_SALT = {"train": 0, "val": 1, "test": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# D_Q
+# ---------------------------------------------------------------------------------------------
+def weak_predictions(cfg: Config, data: D.LabeledData, explicit: bool) -> tuple[np.ndarray | None, str]:
+    """Type 2 masks (C, N, H, W) for every labeled case from a train-weak run, or None.
+
+    An explicit ``--weak RUN`` must fit the data; without one, the newest completed train-weak
+    run of the same data and image size is used, and Type 2 masks are skipped if there is none.
+    """
+    from qgseg.weak import load_weak_predictions
+
+    if cfg.corrupt.p_weak <= 0:
+        return None, ""
+    if explicit or cfg.weak.run:
+        run = resolve_link(cfg.weak.run, cfg.runs_root, "train-weak", "--weak")
+        preds, _ = load_weak_predictions(run, data.stems, data.image_size)
+        return preds, str(run.path)
+    for run in reversed(find_runs(cfg.runs_root, "train-weak")):
+        try:
+            preds, _ = load_weak_predictions(run, data.stems, data.image_size)
+            return preds, str(run.path)
+        except (InputError, OSError, KeyError, ValueError):
+            continue
+    log.info("no completed train-weak run for this data and image size: D_Q has Type 1 masks only "
+             "(run `qgseg train-weak` first to add Type 2 masks)")
+    return None, ""
+
+
+def build_dq(cfg: Config, data: D.LabeledData, splits: dict[str, list[str]],
+             weak: np.ndarray | None) -> dict[str, CorruptedSet]:
+    """Corrupted sets for train (K per image, seed = cfg.seed) and val / test (eval_k per image,
+    seeds fixed by data.split_seed)."""
+    pos = {s: i for i, s in enumerate(data.stems)}
+    out = {}
+    for split, stems in splits.items():
+        idx = np.array([pos[s] for s in stems])
+        if split == "train":
+            k, seed = cfg.corrupt.k, cfg.seed
+        else:
+            k, seed = cfg.corrupt.eval_k, 1_000_003 * (SPLIT_SALT[split]) + cfg.data.split_seed
+        w = weak[:, idx] if weak is not None else None
+        out[split] = corrupt_dataset(data.masks[idx], k, seed, weak=w, p_weak=cfg.corrupt.p_weak)
+    return out
+
+
+def dq_summary(cs: CorruptedSet) -> dict[str, Any]:
+    d = cs.dice.astype(float)
+    cats = pd.Series(cs.category).value_counts()
+    q = np.quantile(d, [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]) if len(d) else np.zeros(7)
+    return {
+        "masks": int(len(cs)),
+        "categories": {k: int(v) for k, v in cats.items()},
+        "dice_quantiles": dict(zip(["min", "q10", "q25", "median", "q75", "q90", "max"], map(float, q))),
+        "share_below_0.5": float((d < 0.5).mean()) if len(d) else 0.0,
+        "share_above_0.9": float((d > 0.9).mean()) if len(d) else 0.0,
+    }
+
+
+def _labeled_and_splits(cfg: Config, run: Run) -> tuple[D.LabeledData, dict[str, list[str]]]:
+    data = D.load_labeled(cfg.data.labeled, cfg.data.image_size, cfg.data.cache_dir)
+    splits = D.make_splits(data.stems, cfg.data.split_seed, data.root)
+    if cfg.data.max_labeled and cfg.data.max_labeled < len(splits["train"]):
+        rng = np.random.default_rng(cfg.data.split_seed)
+        splits["train"] = sorted(rng.choice(splits["train"], cfg.data.max_labeled, replace=False).tolist())
+    write_json(run.path / "splits.json", splits)
+    return data, splits
+
+
+def run_corrupt(loaded, out: Path | str | None = None, resume: bool = False,
+                reporter: Reporter | None = None) -> tuple[Run, dict[str, Any]]:
+    """Materialise D_Q into a run directory (sets, index table, plots)."""
+    from qgseg import plots
+
+    run, cfg, _ = start_run("corrupt", loaded, out, resume)
+    with run.guard():
+        data, splits = _labeled_and_splits(cfg, run)
+        weak, weak_run = weak_predictions(cfg, data, "weak.run" in loaded.explicit)
+        sets = build_dq(cfg, data, splits, weak)
+        frames = []
+        for split, cs in sets.items():
+            save_set(cs, run.path / f"dq_{split}.npz")
+            f = cs.index_frame(splits[split])
+            f.insert(0, "split", split)
+            frames.append(f)
+        pd.concat(frames).to_csv(run.path / "index.csv", index=False)
+        tr = sets["train"]
+        pos = {s: i for i, s in enumerate(data.stems)}
+        first = pos[splits["train"][0]]
+        plots.corruption_examples(data.images[first], data.masks[first], _one_case(tr, 0),
+                                  run.plots / "examples.png")
+        plots.dice_histogram(tr.dice, run.plots / "dice_hist.png", by_category=tr.category)
+        summary = {"run": str(run.path), "stage": "corrupt", "image_size": cfg.data.image_size,
+                   "k": cfg.corrupt.k, "weak_run": weak_run, **dq_summary(tr)}
+        run.write_summary(summary)
+        run.set_status("completed")
+    return run, summary
+
+
+def _one_case(cs: CorruptedSet, case: int) -> CorruptedSet:
+    sel = np.nonzero(cs.case == case)[0]
+    return CorruptedSet(cs.case[sel], cs.masks[sel], cs.dice[sel], [cs.category[i] for i in sel],
+                        [cs.ops[i] for i in sel])
+
+
+def load_dq(run: Run, cfg: Config, splits: dict[str, list[str]]) -> dict[str, CorruptedSet]:
+    """D_Q from a corrupt run; it must be of the same image size and split."""
+    rcfg = load_run_config(run.path)
+    if rcfg.data.image_size != cfg.data.image_size:
+        raise InputError(f"--corrupt {run.path}: made at {rcfg.data.image_size} px, this run uses "
+                         f"{cfg.data.image_size} px")
+    if read_json(run.path / "splits.json") != splits:
+        raise InputError(f"--corrupt {run.path}: made from another train/val/test split "
+                         "(different data or data.split_seed)")
+    return {s: load_set(run.path / f"dq_{s}.npz") for s in ("train", "val", "test")}
+
+
+# ---------------------------------------------------------------------------------------------
+# g training
+# ---------------------------------------------------------------------------------------------
+class QualityTask:
+    monitor = "val_loss"
+    mode = "min"
+    best_modules = ("g",)
+
+    def __init__(self, g, data: D.LabeledData, case_index: dict[str, np.ndarray],
+                 sets: dict[str, CorruptedSet], batch_size: int, device: torch.device):
+        self.g = g
+        self.modules = {"g": g}
+        self.images = torch.from_numpy(data.images)
+        self.case_index = case_index  # split -> data row of each case of the split
+        self.sets = sets
+        self.train_masks = torch.from_numpy(sets["train"].masks)
+        self.train_dice = torch.from_numpy(sets["train"].dice.astype(np.float32))
+        self.train_rows = torch.from_numpy(case_index["train"][sets["train"].case])
+        self.bs = min(batch_size, len(sets["train"]))
+        self.device = device
+
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.sets["train"]) // self.bs)
+
+    def batches(self, epoch: int, generator: torch.Generator):
+        for b in D.index_batches(len(self.train_rows), self.bs, generator):
+            x = D.to_float_images(self.images[self.train_rows[b]])
+            m = D.to_float_masks(self.train_masks[b])
+            x, m = D.random_flip_rot(x, m, generator=generator)
+            yield x.to(self.device), m.to(self.device), self.train_dice[b].to(self.device)
+
+    def loss(self, batch, epoch: int, step: int):
+        x, m, y = batch
+        loss = F.smooth_l1_loss(self.g(x, m).float(), y)
+        return loss, {"loss": float(loss.detach())}
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        pred = predict_quality(self.g, self.images, self.case_index["val"], self.sets["val"], self.device)
+        true = self.sets["val"].dice.astype(np.float64)
+        loss = float(F.smooth_l1_loss(torch.from_numpy(pred), torch.from_numpy(true)))
+        r = regression_metrics(pred, true)
+        return {"val_loss": loss, "val_mae": r["mae"], "val_pearson": r["pearson"]}
+
+
+@torch.no_grad()
+def predict_quality(g, images: torch.Tensor, case_rows: np.ndarray, cs: CorruptedSet,
+                    device: torch.device, image_mode: str = "normal", seed: int = 0,
+                    batch_size: int = 128) -> np.ndarray:
+    """g's predictions for every mask of a corrupted set.
+
+    image_mode: "normal" (each mask with its own image), "zero" (the normalised image set to 0,
+    i.e. a mean-grey image), or "shuffled" (each mask with another case's image: a seeded
+    derangement of the cases).
+    """
+    from qgseg.engine import autocast
+
+    g.eval()
+    rows = case_rows[cs.case]
+    if image_mode == "shuffled":
+        n = len(case_rows)
+        perm = np.random.default_rng(seed).permutation(n)
+        other = np.empty(n, np.int64)
+        other[perm] = np.roll(perm, 1)  # a cycle through all cases: nobody keeps its own image
+        rows = case_rows[other[cs.case]]
+    out = []
+    masks = torch.from_numpy(cs.masks)
+    for i in range(0, len(cs), batch_size):
+        x = D.to_float_images(images[torch.from_numpy(rows[i:i + batch_size])]).to(device)
+        if image_mode == "zero":
+            x = torch.zeros_like(x)
+        m = D.to_float_masks(masks[i:i + batch_size]).to(device)
+        with autocast(device):
+            out.append(g(x, m).float().cpu())
+    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
+
+
+def quality_report(g, data: D.LabeledData, rows: np.ndarray, cs: CorruptedSet, device: torch.device,
+                   stems: list[str]) -> tuple[dict[str, float], pd.DataFrame]:
+    """Test metrics of g plus the contextual-grounding checks, and a per-mask table."""
+    images = torch.from_numpy(data.images)
+    true = cs.dice.astype(np.float64)
+    pred = predict_quality(g, images, rows, cs, device)
+    zero = predict_quality(g, images, rows, cs, device, "zero")
+    shuf = predict_quality(g, images, rows, cs, device, "shuffled", seed=1)
+    r = regression_metrics(pred, true)
+    out = {k: r[k] for k in ("mae", "rmse", "pearson", "spearman")}
+    out["mae_zero_image"] = float(np.abs(zero - true).mean())
+    out["mae_shuffled_image"] = float(np.abs(shuf - true).mean())
+    out["zero_image_mae_increase"] = out["mae_zero_image"] - out["mae"]
+    out["shuffled_image_mae_increase"] = out["mae_shuffled_image"] - out["mae"]
+    hi = true >= 0.7
+    if hi.sum() > 2:
+        rh = regression_metrics(pred[hi], true[hi])
+        out["pearson_dice_ge_0.7"], out["spearman_dice_ge_0.7"] = rh["pearson"], rh["spearman"]
+        out["mae_dice_ge_0.7"] = rh["mae"]
+    out["masks"] = int(len(cs))
+    table = cs.index_frame(stems)
+    table["pred"], table["pred_zero_image"], table["pred_shuffled_image"] = pred, zero, shuf
+    table["abs_error"] = np.abs(pred - true)
+    return out, table
+
+
+def run_train_quality(loaded, out: Path | str | None = None, resume: bool = False,
+                      reporter: Reporter | None = None) -> tuple[Run, dict[str, Any]]:
+    """Train the quality predictor g and evaluate it on the test split's corrupted masks."""
+    from qgseg import plots
+    from qgseg.models import build_quality_net, count_parameters
+
+    device = resolve_device(loaded.config.device)
+    run, cfg, resuming = start_run("train-quality", loaded, out, resume, device=str(device))
+    with run.guard():
+        data, splits = _labeled_and_splits(cfg, run)
+        if cfg.corrupt.run:
+            src = resolve_link(cfg.corrupt.run, cfg.runs_root, "corrupt", "--corrupt")
+            sets, weak_run = load_dq(src, cfg, splits), src.summary.get("weak_run", "")
+        else:
+            weak, weak_run = weak_predictions(cfg, data, "weak.run" in loaded.explicit)
+            sets = build_dq(cfg, data, splits, weak)
+        pos = {s: i for i, s in enumerate(data.stems)}
+        rows = {s: np.array([pos[x] for x in v]) for s, v in splits.items()}
+        q = cfg.quality
+        torch.manual_seed(cfg.seed)
+        g = build_quality_net(q.backbone, pretrained=q.pretrained, weights_file=q.weights_file).to(device)
+        if cfg.train.channels_last:
+            g = g.to(memory_format=torch.channels_last)
+        run.update_meta(parameters={"g": count_parameters(g)}, data=str(data.root), weak_run=weak_run,
+                        dq={s: len(c) for s, c in sets.items()})
+        task = QualityTask(g, data, rows, sets, q.batch_size, device)
+        opt = torch.optim.AdamW(g.parameters(), lr=q.lr, weight_decay=q.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=10, T_mult=2, eta_min=1e-6)
+        settings = FitSettings(epochs=q.epochs, patience=q.patience, seed=cfg.seed, grad_clip=q.grad_clip,
+                               precision=cfg.train.precision)
+        with (reporter or Reporter(enabled=False)) as rep:
+            fit = Engine(run, task, opt, sched, settings, device, rep).fit(resume=resuming)
+        best = load_checkpoint(run.checkpoints / "best.pt")
+        load_modules({"g": g}, best["modules"], "best.pt")
+        metrics, table = quality_report(g, data, rows["test"], sets["test"], device, splits["test"])
+        table.to_csv(run.path / "test_predictions.csv", index=False)
+        per_cat = (table.groupby("category")["abs_error"].agg(["mean", "count"])
+                   .rename(columns={"mean": "mae", "count": "masks"}))
+        per_cat.to_csv(run.path / "test_mae_by_category.csv")
+        plots.quality_scatter(table["dice"].to_numpy(), table["pred"].to_numpy(), run.plots / "scatter.png",
+                              categories=table["category"].tolist(),
+                              title=f"g on test: MAE {metrics['mae']:.3f}, Pearson {metrics['pearson']:.3f}")
+        summary = {"run": str(run.path), "stage": "train-quality", "image_size": cfg.data.image_size,
+                   "backbone": q.backbone, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
+                   "stopped_early": fit.stopped_early, "train_seconds": round(fit.seconds, 1),
+                   **{f"test_{k}": v for k, v in metrics.items()},
+                   "test_mae_by_category": {k: float(v) for k, v in per_cat["mae"].items()}}
+        run.write_summary(summary)
+        run.set_status("completed")
+    return run, summary

@@ -1,0 +1,143 @@
+"""Matplotlib figures written as PNG files (Agg backend, no display needed)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import cv2
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+if TYPE_CHECKING:
+    from qgseg.corrupt import CorruptedSet
+
+_CATEGORY_ORDER = ["identity", "single", "chained", "cross_image", "heavy", "catastrophic", "blob", "weak"]
+_GT_RGB = (0, 200, 0)
+_PRED_RGB = (230, 30, 30)
+
+
+def _ordered_categories(categories: list[str]) -> list[str]:
+    present = set(categories)
+    known = [c for c in _CATEGORY_ORDER if c in present]
+    return known + sorted(present - set(known))
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _overlay(image: np.ndarray | None, gt: np.ndarray, mask: np.ndarray, scale: int) -> np.ndarray:
+    """RGB panel: image (or dark background) with the gt contour green and the mask's red."""
+    h, w = gt.shape
+    if image is None:
+        base = np.full((h, w, 3), 30, np.uint8)
+        base[gt != 0] = 60  # faint fill so an empty corrupted mask still shows where the lesion is
+    else:
+        base = np.ascontiguousarray(image[..., :3], dtype=np.uint8)
+    base = cv2.resize(base, (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
+    for m, color in ((gt, _GT_RGB), (mask, _PRED_RGB)):
+        big = cv2.resize((m != 0).astype(np.uint8), (w * scale, h * scale), interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(big, cv2.RETR_LIST, cv2.CHAIN_APPROX_NONE)
+        cv2.drawContours(base, contours, -1, color, thickness=max(1, scale // 2 + 1))
+    return base
+
+
+def corruption_examples(image_or_none: np.ndarray | None, gt: np.ndarray, cs: CorruptedSet, path: Path,
+                        per_category: int = 4) -> Path:
+    """Contact sheet of corrupted masks, one row per category, up to `per_category` columns.
+
+    ``gt`` is either one (H,W) ground truth used for every sample or the (N,H,W) ground truths
+    indexed by ``cs.case``; ``image_or_none`` likewise (H,W,3), (N,H,W,3) or None. Within a row the
+    examples are spread over the category's Dice range. Ground truth contour green, corrupted mask
+    red, Dice and operations in each title.
+    """
+    gt = np.asarray(gt)
+    image = None if image_or_none is None else np.asarray(image_or_none)
+    cats = _ordered_categories(list(cs.category))
+    cat_arr = np.asarray(cs.category)
+    n_rows, n_cols = max(1, len(cats)), max(1, per_category)
+    h, w = cs.masks.shape[1:]
+    scale = max(1, int(np.ceil(192 / max(h, w))))
+    panel, title_band, head = 2.0, 0.42, 0.35  # inches
+    fig_w, fig_h = 0.45 + n_cols * panel * 1.05, head + n_rows * (panel + title_band) + 0.05
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(fig_w, fig_h), squeeze=False)
+    # fixed margins: constrained layout costs about a second per sheet
+    fig.subplots_adjust(left=0.45 / fig_w, right=1 - 0.02 / fig_w, bottom=0.05 / fig_h,
+                        top=1 - (head + title_band) / fig_h, wspace=0.05, hspace=title_band / panel)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for r, cat in enumerate(cats):
+        idx = np.flatnonzero(cat_arr == cat)
+        idx = idx[np.argsort(cs.dice[idx], kind="stable")]
+        pick = idx[np.unique(np.linspace(0, len(idx) - 1, min(n_cols, len(idx))).round().astype(int))]
+        for c, m in enumerate(pick):
+            case = int(cs.case[m])
+            g = gt if gt.ndim == 2 else gt[case]
+            img = None if image is None else (image if image.ndim == 3 else image[case])
+            ax = axes[r, c]
+            ax.imshow(_overlay(img, g, cs.masks[m], scale), interpolation="nearest")
+            ops = cs.ops[m] or "-"
+            if len(ops) > 28:
+                ops = ops[:27] + "…"
+            ax.set_title(f"Dice {cs.dice[m]:.3f}\n{ops}", fontsize=7)
+        axes[r, 0].text(-0.05, 0.5, cat, transform=axes[r, 0].transAxes, rotation=90,
+                        ha="right", va="center", fontsize=9, fontweight="bold")
+    fig.suptitle("Corrupted masks (green: ground truth, red: corrupted)", fontsize=10, y=1 - 0.08 / fig_h, va="top")
+    return _save(fig, path)
+
+
+def dice_histogram(dice: np.ndarray, path: Path, by_category: list[str] | None = None) -> Path:
+    """Histogram of Dice targets over [0, 1], stacked by category when ``by_category`` is given."""
+    dice = np.asarray(dice, np.float64)
+    bins = np.linspace(0.0, 1.0, 41)
+    bins[-1] = 1.0 + 1e-9  # Dice 1.0 (identity) falls in the last bin
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    if by_category is None:
+        ax.hist(dice, bins=bins, color="tab:blue", histtype="stepfilled")
+    else:
+        cat_arr = np.asarray(by_category)
+        if len(cat_arr) != len(dice):
+            raise ValueError(f"by_category has {len(cat_arr)} entries for {len(dice)} Dice values")
+        cats = _ordered_categories(list(cat_arr))
+        # stepfilled draws one polygon per category instead of one patch per bar (much faster)
+        ax.hist([dice[cat_arr == c] for c in cats], bins=bins, stacked=True, histtype="stepfilled",
+                label=[f"{c} ({np.mean(cat_arr == c):.0%})" for c in cats])
+        ax.legend(fontsize=8, loc="upper left")
+    n = max(1, len(dice))
+    ax.set_xlabel("Dice to ground truth")
+    ax.set_ylabel("masks")
+    ax.set_xlim(0, 1.0)
+    ax.set_title(f"{len(dice)} masks: {np.sum(dice < 0.5) / n:.0%} below 0.5, "
+                 f"{np.sum(dice > 0.9) / n:.0%} above 0.9, median {np.median(dice) if len(dice) else float('nan'):.3f}",
+                 fontsize=9)
+    return _save(fig, path)
+
+
+def quality_scatter(true: np.ndarray, pred: np.ndarray, path: Path, categories: list[str] | None = None,
+                    title: str = "", xlabel: str = "true Dice", ylabel: str = "predicted quality g") -> Path:
+    """Predicted vs true Dice with the identity line, coloured by category when given."""
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    if categories is None:
+        ax.scatter(true, pred, s=6, alpha=0.5, color="tab:blue")
+    else:
+        cats = np.asarray(categories)
+        for c in _ordered_categories(list(categories)):
+            sel = cats == c
+            ax.scatter(np.asarray(true)[sel], np.asarray(pred)[sel], s=6, alpha=0.5, label=f"{c} ({sel.sum()})")
+        ax.legend(fontsize=7, markerscale=2, loc="upper left")
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
