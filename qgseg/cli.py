@@ -203,7 +203,7 @@ def ssl(
     labeled: LabeledOpt = None, unlabeled: UnlabeledOpt = None, image_size: SizeOpt = None,
     config: ConfigOpt = None, preset: PresetOpt = None, sets: SetOpt = None, out: OutOpt = None,
     seed: SeedOpt = None, device: DeviceOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False,
-    debug: DebugOpt = False, resume: ResumeOpt = None,
+    debug: DebugOpt = False, resume: ResumeOpt = False,
 ) -> None:
     """Phase 2: train a segmenter on labeled + unlabeled images (optionally guided by g), test it."""
     from qgseg.report import Reporter, kv_table, mean_se_str
@@ -223,7 +223,7 @@ def ssl(
         shown: dict[str, Any] = {
             "method": s["method"] + (" + QW" if s["qw"] else "") + (f" + QAR {s['qar_weight']:g}"
                                                                       if s["qar_weight"] and s["method"] != "qar" else ""),
-            "model": f"{s['arch']} / {s['encoder']} ({s['parameters'] / 1e6:.2f}M parameters)",
+            "model": f"{s['arch']}{' / ' + s['encoder'] if s['encoder'] else ''} ({s['parameters'] / 1e6:.2f}M parameters)",
             "test DSC": mean_se_str(s.get("test_dsc"), s.get("test_dsc_se") or 0.0),
             "test IoU": mean_se_str(s.get("test_iou"), s.get("test_iou_se") or 0.0),
             "test HD95 (px)": mean_se_str(s.get("test_hd95"), s.get("test_hd95_se") or 0.0, 2)
@@ -231,7 +231,7 @@ def ssl(
         }
         if s.get("test_pred_quality") is not None:
             shown["predicted quality g"] = mean_se_str(s["test_pred_quality"], s.get("test_pred_quality_se") or 0.0)
-            shown["corr(g, DSC)"] = s.get("test_quality_pearson")
+            shown["corr(g, DSC)"] = s["test_quality_pearson"] if s.get("test_quality_pearson") is not None else "-"
         shown.update({"test cases": s["n_test"], "train / val / unlabeled": f"{s['n_train']} / {s['n_val']} / "
                       f"{s['n_unlabeled']}", "best epoch": f"{s['best_epoch']} of {s['epochs_run']} (val DSC "
                       f"{s['best_val_dsc']:.4f})", "g": s["quality_run"] or "-", "run": s["run"]})

@@ -71,7 +71,7 @@ class QualityConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "unetpp"
-    encoder: str = "resnet34"
+    encoder: str = ""  # "" = the architecture's default (unetpp: resnet34)
     weights_file: str = ""
 
 

@@ -39,6 +39,9 @@ from pathlib import Path
 from typing import Callable
 
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
+# Several torch processes sharing 2 cores slow each other ~10x with OpenMP's default busy-wait
+# (measured, see DESIGN.md); set before torch is imported by any test module.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402

@@ -1,0 +1,137 @@
+"""Evaluation metrics: per-sample overlap (torch), HD95 (numpy + scipy), summaries (numpy).
+
+`dice_per_sample` / `iou_per_sample` take torch tensors (any device) and return torch tensors;
+`hd95_per_sample` takes numpy arrays; the summary functions take any float sequence.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage, stats
+
+__all__ = ["dice_per_sample", "iou_per_sample", "hd95_per_sample", "mean_se", "regression_metrics", "e_val"]
+
+_CROSS = ndimage.generate_binary_structure(2, 1)
+
+
+def _binary(x: torch.Tensor) -> torch.Tensor:
+    """(B,1,H,W) or (B,H,W) -> (B, H*W) float {0,1}; non-bool inputs are binarised with > 0.5."""
+    if x.dtype != torch.bool:
+        x = x > 0.5
+    return x.reshape(x.shape[0], -1).float()
+
+
+def _overlap(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    p, t = _binary(pred), _binary(target)
+    if p.shape != t.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
+    return (p * t).sum(1), p.sum(1), t.sum(1)
+
+
+def dice_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Dice 2|P&T| / (|P|+|T|) of binary masks (B,1,H,W) or (B,H,W) -> (B,); 1 when both are empty."""
+    inter, p, t = _overlap(pred, target)
+    denom = p + t
+    return torch.where(denom > 0, 2 * inter / denom.clamp_min(1), torch.ones_like(denom))
+
+
+def iou_per_sample(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """IoU |P & T| / |P or T| of binary masks -> (B,); 1 when both are empty."""
+    inter, p, t = _overlap(pred, target)
+    union = p + t - inter
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    # Pixels on the image border count as boundary (erosion pads with background).
+    return mask & ~ndimage.binary_erosion(mask, structure=_CROSS, border_value=0)
+
+
+def _hd95_one(pred: np.ndarray, target: np.ndarray) -> float:
+    has_p, has_t = bool(pred.any()), bool(target.any())
+    if not has_p and not has_t:
+        return 0.0
+    if has_p != has_t:
+        return math.nan
+    bp, bt = _boundary(pred), _boundary(target)
+    # Distance from each boundary pixel of one mask to the nearest boundary pixel of the other.
+    d_pt = ndimage.distance_transform_edt(~bt)[bp]
+    d_tp = ndimage.distance_transform_edt(~bp)[bt]
+    return float(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)))
+
+
+def hd95_per_sample(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """95th-percentile symmetric Hausdorff distance in pixels, (B,H,W) (or (B,1,H,W)) -> (B,).
+
+    Boundary-to-boundary Euclidean distances (boundary = mask minus its 4-connected erosion),
+    max of the two directed 95th percentiles, as in MONAI / medpy. Both empty -> 0; exactly one
+    empty -> NaN (undefined; `mean_se` ignores NaNs, so report how many there were).
+    Non-bool inputs are binarised with > 0.5.
+    """
+    p, t = np.asarray(pred), np.asarray(target)
+    if p.ndim == 4:
+        p, t = p[:, 0], t[:, 0]
+    if p.shape != t.shape or p.ndim != 3:
+        raise ValueError(f"hd95 needs two (B,H,W) arrays of the same shape, got {p.shape} and {t.shape}")
+    p = p if p.dtype == bool else p > 0.5
+    t = t if t.dtype == bool else t > 0.5
+    return np.array([_hd95_one(a, b) for a, b in zip(p, t)], dtype=np.float64)
+
+
+def mean_se(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """Mean and standard error (sample std with ddof=1 over sqrt(n)), NaNs ignored.
+
+    One value -> se 0; no (finite) values -> (nan, nan).
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return math.nan, math.nan
+    if v.size == 1:
+        return float(v[0]), 0.0
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(v.size))
+
+
+def regression_metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
+    """MAE, RMSE, Pearson and Spearman correlation (with p-values) of predicted vs true values.
+
+    Pairs with a NaN are dropped. Correlations are NaN (not an error) for constant input or fewer
+    than 2 pairs. Keys: n, mae, rmse, pearson, pearson_p, spearman, spearman_p.
+    """
+    p = np.asarray(pred, dtype=np.float64).ravel()
+    t = np.asarray(true, dtype=np.float64).ravel()
+    if p.shape != t.shape:
+        raise ValueError(f"pred and true differ in length: {p.size} vs {t.size}")
+    ok = ~(np.isnan(p) | np.isnan(t))
+    p, t = p[ok], t[ok]
+    out = {"n": int(p.size), "mae": math.nan, "rmse": math.nan}
+    out |= {"pearson": math.nan, "pearson_p": math.nan, "spearman": math.nan, "spearman_p": math.nan}
+    if p.size == 0:
+        return out
+    err = p - t
+    out["mae"] = float(np.abs(err).mean())
+    out["rmse"] = float(np.sqrt((err**2).mean()))
+    if p.size >= 2 and np.ptp(p) > 0 and np.ptp(t) > 0:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = stats.pearsonr(p, t)
+            s = stats.spearmanr(p, t)
+        out["pearson"], out["pearson_p"] = float(r.statistic), float(r.pvalue)
+        out["spearman"], out["spearman_p"] = float(s.statistic), float(s.pvalue)
+    return out
+
+
+def e_val(val_dsc: Sequence[float], fraction: float = 0.96) -> int:
+    """First epoch (1-based) whose validation DSC reaches `fraction` x the best; NaNs ignored.
+
+    0 when there is no finite value.
+    """
+    v = np.asarray(val_dsc, dtype=np.float64).ravel()
+    if v.size == 0 or np.isnan(v).all():
+        return 0
+    reached = np.nan_to_num(v, nan=-np.inf) >= fraction * np.nanmax(v)
+    return int(np.argmax(reached)) + 1

@@ -1,0 +1,213 @@
+import pytest
+import timm
+import torch
+
+from qgseg.errors import InputError
+from qgseg.models import (
+    SEG_ARCHS,
+    QualityNet,
+    build_quality_net,
+    build_segmenter,
+    check_image_size,
+    count_parameters,
+    load_state,
+    size_divisor,
+)
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These nets are tiny at 32-64 px; one thread avoids OpenMP spinning on a shared 2-core box.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+# arch -> (feature channels, feature side at 64 px input)
+ARCHS = {
+    "unet": (16, 64),
+    "unetpp": (16, 64),
+    "attention-unet": (32, 64),
+    "swin-unet": (16, 64),
+    "fpn": (128, 16),
+    "deeplabv3plus": (256, 16),
+    "linknet": (32, 64),
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_named_archs_build_and_forward_at_64px(arch):
+    torch.manual_seed(0)
+    model = build_segmenter(arch, encoder="resnet18" if arch in ("fpn", "deeplabv3plus", "linknet") else "").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits, feats = model.forward_features(x)
+        out = model(x)
+    channels, side = ARCHS[arch]
+    assert out.shape == (2, 1, 64, 64)
+    assert torch.allclose(out, logits, atol=1e-5)
+    assert feats.shape == (2, channels, side, side)
+    assert model.feature_channels == channels
+    assert torch.isfinite(out).all()
+
+
+def test_spec_rebuilds_the_same_architecture():
+    model = build_segmenter("unet")
+    assert model.spec == {"arch": "unet", "encoder": "resnet18"}
+    again = build_segmenter(**model.spec)
+    again.load_state_dict(model.state_dict())  # strict: same keys and shapes
+    with torch.device("meta"):
+        assert build_segmenter("UNetPP", "resnet18").spec == {"arch": "unetpp", "encoder": "resnet18"}
+
+
+def test_parameter_counts():
+    with torch.device("meta"):  # no weight init: fast
+        assert abs(count_parameters(build_segmenter("unetpp", "resnet34")) - 26.08e6) < 0.01e6
+        assert count_parameters(build_segmenter("unet")) == 14_328_209
+        assert count_parameters(build_segmenter("attention-unet")) == 7_940_321
+
+
+def test_swin_unet_is_swin_tiny():
+    with torch.device("meta"):
+        model = build_segmenter("swin-unet")
+    enc = model.net.encoder.model
+    stages = [getattr(enc, f"layers_{i}") for i in range(4)]
+    assert enc.patch_embed.proj.kernel_size == (4, 4) and enc.patch_embed.proj.out_channels == 96
+    assert [len(s.blocks) for s in stages] == [2, 2, 6, 2]
+    assert [s.blocks[0].attn.num_heads for s in stages] == [3, 6, 12, 24]
+    assert all(s.blocks[0].window_size == (7, 7) for s in stages)
+    with pytest.raises(InputError, match="Swin"):
+        build_segmenter("swin-unet", "resnet34")
+
+
+def test_channels_last_gives_the_same_output():
+    torch.manual_seed(0)
+    model = build_segmenter("unet").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        model = model.to(memory_format=torch.channels_last)
+        out = model(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(ref, out, atol=1e-4)
+
+
+def test_unknown_arch_and_encoder_raise_input_error():
+    with pytest.raises(InputError, match="model.arch.*unetpp"):
+        build_segmenter("nonet")
+    with pytest.raises(InputError, match="model.encoder.*get_encoder_names"):
+        build_segmenter("unet", "resnet999")
+    with pytest.raises(InputError, match="timm"):
+        build_segmenter("unet", "tu-not_a_model")
+    with pytest.raises(InputError, match="attention-unet"):
+        build_segmenter("attention-unet", "resnet18")
+    assert {"unet", "unetpp", "attention-unet", "swin-unet", "fpn", "deeplabv3plus", "manet", "pspnet"} <= set(SEG_ARCHS)
+
+
+def test_size_divisor_and_check_image_size():
+    assert size_divisor("unetpp") == 32 and size_divisor("swin-unet") == 32 and size_divisor("attention-unet") == 16
+    check_image_size("unet", 64)
+    check_image_size("swin-unet", 224)
+    check_image_size("attention-unet", 48)
+    with pytest.raises(InputError, match=r"data.image_size.*32.*\b100\b.*96 or 128"):
+        check_image_size("unet", 100)
+    with pytest.raises(InputError, match="train.size"):
+        check_image_size("unetpp", 0, key="train.size")
+    with pytest.raises(InputError, match="at least 128"):
+        check_image_size("pan", 64)
+    with pytest.raises(InputError, match="model.arch"):
+        check_image_size("nonet", 64)
+
+
+def test_segmenter_weights_file_whole_model_and_encoder(tmp_path):
+    torch.manual_seed(0)
+    src = build_segmenter("unet")
+    whole = tmp_path / "whole.pt"
+    torch.save({"state_dict": src.state_dict()}, whole)
+    loaded = build_segmenter("unet", weights_file=str(whole))
+    assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), loaded.state_dict().values()))
+
+    # A plain timm ResNet-18 classification checkpoint loads into the smp encoder (fc ignored).
+    backbone = timm.create_model("resnet18", num_classes=10)
+    enc_file = tmp_path / "resnet18.pth"
+    torch.save(backbone.state_dict(), enc_file)
+    model = build_segmenter("unet", weights_file=str(enc_file))
+    assert torch.equal(model.net.encoder.conv1.weight, backbone.conv1.weight)
+    assert torch.equal(model.net.encoder.layer4[1].conv2.weight, backbone.layer4[1].conv2.weight)
+
+    bad = tmp_path / "bad.pt"
+    torch.save({"something.else": torch.zeros(3)}, bad)
+    with pytest.raises(InputError, match="model.weights_file.*match neither"), torch.device("meta"):
+        build_segmenter("unet", weights_file=str(bad))
+    with pytest.raises(InputError, match="not found"), torch.device("meta"):
+        build_segmenter("unet", weights_file=str(tmp_path / "missing.pt"))
+
+
+def test_quality_net_output_range_shape_and_mask_gradient():
+    torch.manual_seed(0)
+    g = build_quality_net("resnet18")
+    assert isinstance(g, QualityNet) and g.spec == {"backbone": "resnet18", "in_chans": 4}
+    assert g.backbone.conv1.in_channels == 4
+    assert [type(m).__name__ for m in g.head] == ["Dropout", "Linear", "ReLU", "Dropout", "Linear"]
+    assert g.head[0].p == 0.15 and g.head[3].p == 0.075 and g.head[1].in_features == 512
+    image = torch.randn(3, 3, 32, 32)
+    mask = (torch.rand(3, 1, 32, 32) > 0.5).float().requires_grad_(True)
+    q = g.eval()(image, mask)
+    assert q.shape == (3,)
+    assert torch.all((q > 0) & (q < 1))
+    q.sum().backward()
+    assert mask.grad is not None and mask.grad.abs().sum() > 0
+    # Default Linear init: the random-init head does not saturate the sigmoid.
+    assert torch.all((q > 0.05) & (q < 0.95))
+
+
+def test_quality_net_weights_file_adapts_three_channel_conv(tmp_path):
+    torch.manual_seed(0)
+    src = timm.create_model("resnet18", num_classes=1000)  # a 3-channel ImageNet-style checkpoint
+    path = tmp_path / "r18.pth"
+    torch.save(src.state_dict(), path)
+    g = build_quality_net("resnet18", weights_file=str(path))
+    w = g.backbone.conv1.weight
+    assert w.shape == (64, 4, 7, 7)
+    assert torch.equal(w[:, :3], src.conv1.weight)
+    assert torch.allclose(w[:, 3], src.conv1.weight.mean(dim=1))
+    assert torch.equal(g.backbone.layer3[0].conv1.weight, src.layer3[0].conv1.weight)
+
+    # A whole QualityNet state dict (4 channels, with head) round-trips, also as safetensors.
+    from safetensors.torch import save_file
+
+    st = tmp_path / "g.safetensors"
+    save_file({k: v.contiguous() for k, v in g.state_dict().items()}, str(st))
+    g2 = build_quality_net("resnet18", weights_file=str(st))
+    assert all(torch.equal(a, b) for a, b in zip(g.state_dict().values(), g2.state_dict().values()))
+
+
+def test_quality_net_mismatched_weights_and_unknown_backbone(tmp_path):
+    state = timm.create_model("resnet18", num_classes=0).state_dict()
+    del state["layer4.1.bn2.weight"]
+    state["layer1.0.conv1.weight"] = torch.zeros(64, 64, 5, 5)
+    path = tmp_path / "broken.pth"
+    torch.save(state, path)
+    with pytest.raises(InputError, match=r"quality.weights_file.*1 missing keys \(layer4.1.bn2.weight\).*shape"):
+        build_quality_net("resnet18", weights_file=str(path))
+    with pytest.raises(InputError, match="quality.backbone.*timm.list_models"):
+        build_quality_net("resnet_nope")
+
+
+def test_load_state_strict_with_clear_errors(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
+    good = tmp_path / "good.pt"
+    # DDP-style "module." prefixes are stripped.
+    torch.save({f"module.{k}": v + 1 for k, v in net.state_dict().items()}, good)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 1))
+    load_state(other, str(good), "ssl.init")
+    assert torch.equal(other[0].weight, net[0].weight + 1)
+
+    wrong = tmp_path / "wrong.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 1)).state_dict(), wrong)
+    with pytest.raises(InputError, match=r"ssl.init.*shape mismatch.*0.weight"):
+        load_state(other, str(wrong), "ssl.init")
+    pickle = tmp_path / "pickle.pt"
+    torch.save({"net": net}, pickle)  # a pickled module is refused by weights_only=True
+    with pytest.raises(InputError, match="ssl.init"):
+        load_state(other, str(pickle), "ssl.init")

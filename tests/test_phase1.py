@@ -1,0 +1,133 @@
+"""Phase 1 stages end to end on tiny synthetic data, and the grounding checks."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from qgseg.cli import app
+from qgseg.config import load_config
+from qgseg.corrupt import CorruptedSet, load_set
+from qgseg.phase1 import predict_quality, quality_report, run_corrupt, run_train_quality
+from qgseg.runs import Run
+from qgseg.weak import load_weak_predictions, run_train_weak
+
+TINY = [
+    "data.image_size=32", "corrupt.k=3", "corrupt.eval_k=2", "quality.epochs=2", "quality.batch_size=8",
+    "quality.patience=5", "weak.epochs_at=[1, 2]", "weak.batch_size=4",
+]
+
+
+def _loaded(synth_data, tmp_path, extra=()):
+    return load_config(options={"data.labeled": str(synth_data / "labeled"), "runs_root": str(tmp_path / "runs")},
+                       sets=TINY + list(extra), cwd=tmp_path)
+
+
+def test_train_weak_then_quality_with_type2(synth_data, tmp_path):
+    run, summary = run_train_weak(_loaded(synth_data, tmp_path))
+    assert run.status == "completed"
+    assert [c["epoch"] for c in summary["checkpoints"]] == [1, 2]
+    assert (run.checkpoints / "weak_e001.pt").is_file() and (run.checkpoints / "weak_e002.pt").is_file()
+    stems = json.loads((run.path / "stems.json").read_text())
+    preds, epochs = load_weak_predictions(run, stems, 32)
+    assert preds.shape == (2, len(stems), 32, 32) and epochs == [1, 2]
+    assert set(np.unique(preds)) <= {0, 1}
+
+    # p_weak = 1: every training mask of D_Q is a weak prediction, found by itself (newest weak run)
+    crun, csum = run_corrupt(_loaded(synth_data, tmp_path, ["corrupt.p_weak=1.0"]))
+    assert csum["weak_run"] == str(run.path)
+    assert set(csum["categories"]) == {"weak"}
+    tr = load_set(crun.path / "dq_train.npz")
+    index = pd.read_csv(crun.path / "index.csv")
+    sizes = {s: len(load_set(crun.path / f"dq_{s}.npz")) for s in ("train", "val", "test")}
+    assert len(tr) == 3 * len(json.loads((crun.path / "splits.json").read_text())["train"])
+    assert index["split"].value_counts().to_dict() == sizes
+    assert (crun.plots / "examples.png").is_file() and (crun.plots / "dice_hist.png").is_file()
+
+
+def test_corrupt_is_reproducible(synth_data, tmp_path):
+    r1, s1 = run_corrupt(_loaded(synth_data, tmp_path, ["corrupt.p_weak=0.0"]), out=tmp_path / "a")
+    r2, s2 = run_corrupt(_loaded(synth_data, tmp_path, ["corrupt.p_weak=0.0"]), out=tmp_path / "b")
+    for split in ("train", "val", "test"):
+        assert (r1.path / f"dq_{split}.npz").read_bytes() == (r2.path / f"dq_{split}.npz").read_bytes()
+    assert s1["dice_quantiles"] == s2["dice_quantiles"]
+
+
+def test_train_quality_cli_end_to_end(synth_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["train-quality", "--labeled", str(synth_data / "labeled"), "--json",
+                                   "--out", str(tmp_path / "q"), *sum([["--set", s] for s in TINY], [])])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    run = Run(tmp_path / "q")
+    assert run.status == "completed"
+    for key in ("test_mae", "test_rmse", "test_pearson", "test_spearman", "test_mae_zero_image",
+                "test_mae_shuffled_image", "test_zero_image_mae_increase", "test_shuffled_image_mae_increase"):
+        assert key in summary and isinstance(summary[key], float)
+    assert summary["test_zero_image_mae_increase"] == pytest.approx(
+        summary["test_mae_zero_image"] - summary["test_mae"])
+    rows = (run.path / "metrics.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("epoch,") and "val_loss" in rows[0] and len(rows) == 3
+    assert (run.plots / "scatter.png").is_file()
+    table = pd.read_csv(run.path / "test_predictions.csv")
+    assert {"stem", "category", "dice", "pred", "pred_zero_image", "pred_shuffled_image"} <= set(table.columns)
+    assert np.allclose(table["abs_error"].mean(), summary["test_mae"])
+    for name in ("best.pt", "last.pt"):
+        assert (run.checkpoints / name).is_file()
+
+
+class _MeanImage(torch.nn.Module):
+    """A fake g whose output is the mean of the image's first channel (so we see which image it got)."""
+
+    def forward(self, x, m):
+        return x[:, 0].mean(dim=(1, 2))
+
+
+def _set(cases, h=4):
+    n = len(cases)
+    return CorruptedSet(case=np.array(cases, np.int32), masks=np.zeros((n, h, h), np.uint8),
+                        dice=np.linspace(0, 1, n).astype(np.float32), category=["x"] * n, ops=[""] * n)
+
+
+def test_grounding_checks_feed_the_right_images():
+    n = 5
+    images = torch.zeros((n, 4, 4, 3), dtype=torch.uint8)
+    for i in range(n):
+        images[i] = 40 * i  # each case has its own brightness
+    rows = np.arange(n)
+    cs = _set([0, 1, 2, 3, 4, 0])
+    g = _MeanImage()
+    normal = predict_quality(g, images, rows, cs, torch.device("cpu"))
+    assert np.all(np.diff(normal[:5]) > 0) and normal[5] == normal[0]  # own image: brightness order
+    zero = predict_quality(g, images, rows, cs, torch.device("cpu"), "zero")
+    assert np.allclose(zero, 0.0)
+    shuf = predict_quality(g, images, rows, cs, torch.device("cpu"), "shuffled", seed=3)
+    # every mask got another case's image, and masks of one case all got the same other image
+    assert not np.any(np.isclose(shuf[:5], normal[:5]))
+    assert shuf[5] == shuf[0]
+    assert sorted(np.round(shuf[:5], 5)) == sorted(np.round(normal[:5], 5))  # a permutation of the cases
+
+
+def test_quality_report_metrics_match_hand_computation():
+    class _Const(torch.nn.Module):
+        def forward(self, x, m):
+            return m.mean(dim=(1, 2, 3)) * 0 + 0.5
+
+    n = 4
+    from qgseg.data import LabeledData
+
+    data = LabeledData(root=None, layout="x", stems=[f"c{i}" for i in range(n)],
+                       images=np.zeros((n, 4, 4, 3), np.uint8), masks=np.zeros((n, 4, 4), np.uint8),
+                       orig_sizes=np.zeros((n, 2), np.int32))
+    cs = _set([0, 1, 2, 3])
+    out, table = quality_report(_Const(), data, np.arange(n), cs, torch.device("cpu"), data.stems)
+    true = cs.dice.astype(float)
+    assert out["mae"] == pytest.approx(np.abs(0.5 - true).mean())
+    assert out["mae_zero_image"] == pytest.approx(out["mae"])  # g ignores the image: no increase
+    assert out["zero_image_mae_increase"] == pytest.approx(0.0)
+    assert np.isnan(out["pearson"])  # constant prediction
+    assert list(table["stem"]) == data.stems
