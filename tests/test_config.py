@@ -30,7 +30,7 @@ def test_defaults_follow_the_design(tmp_path):
     assert cfg.corrupt.k == 50 and cfg.corrupt.p_weak == 0.05
     assert cfg.weak.epochs_at == (1, 3, 5, 10, 15, 20)
     assert (cfg.quality.backbone, cfg.quality.lr, cfg.quality.batch_size) == ("resnet18", 3e-4, 32)
-    assert (cfg.model.arch, cfg.model.encoder) == ("unetpp", "resnet34")
+    assert (cfg.model.arch, cfg.model.encoder) == ("unetpp", "")  # "" = the arch default (resnet34)
     assert (cfg.train.lr, cfg.train.batch_size, cfg.train.batch_size_unlabeled) == (1e-4, 32, 64)
     assert (cfg.ssl.method, cfg.ssl.qw, cfg.ssl.qar_weight) == ("sup", False, 0.0)
     assert (cfg.ssl.lambda_final, cfg.ssl.warmup, cfg.ssl.rampup) == (0.25, 15, 30)

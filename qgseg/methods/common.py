@@ -1,0 +1,180 @@
+"""Machinery shared by the SSL methods: the method record, EMA teacher, input noise, ramps.
+
+A method (one file in this package) supplies only what differs between methods: its
+per-sample unlabeled loss, the pseudolabel g judges under ``--qw``, and its extra modules.
+The ssl task (``qgseg/ssl.py``) does the rest: supervised loss, QW weighting and reduction,
+QAR, lambda ramps, EMA updates, optimisation, evaluation and checkpoints.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+from qgseg.config import Config
+from qgseg.losses import seg_loss
+
+EMA_RAMP_UPDATES = 1000  # the teacher's decay ramps 0.5 -> ssl.ema_decay over this many updates
+NOISE_STD, NOISE_CLIP = 0.1, 0.2  # teacher input noise (normalised image units), as in UA-MT
+
+
+# ---------------------------------------------------------------------------------------------
+# what a method hands the task
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Part:
+    """One per-sample unlabeled loss and the pseudolabel (with its image) that g judges for it.
+
+    With ``--qw`` the task weights ``loss`` by w = g(image, pseudolabel) (detached). Most methods
+    return one part; CPS returns one per network (w_{j,k} = g(x, pseudolabel of net k)).
+    """
+
+    loss: torch.Tensor  # (B,) per-sample unlabeled loss
+    pseudolabel: torch.Tensor  # (B,1,H,W) {0,1}
+    image: torch.Tensor  # (B,3,H,W) normalised: what the pseudolabel segments
+
+
+@dataclass
+class Step:
+    """A method's unlabeled output for one batch."""
+
+    parts: list[Part] = field(default_factory=list)
+    # (image, student logits) pairs QAR can reuse; None = the task runs f(x_u) itself
+    student: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    terms: dict[str, float] = field(default_factory=dict)  # extra logged values
+
+
+@dataclass
+class Context:
+    """What a method's ``unlabeled`` function may use."""
+
+    model: nn.Module  # the student f
+    modules: dict[str, nn.Module]  # the extra modules the method built (teacher, peer, proj)
+    cfg: Config  # the whole run configuration (methods read cfg.ssl)
+    epoch: int
+    ramp: float  # 0..1 position of the unlabeled-weight ramp (lambda(e) / lambda_final)
+
+
+@dataclass(frozen=True)
+class Method:
+    """An SSL method. Register it in ``qgseg/methods/__init__.py``.
+
+    unlabeled(ctx, x_u) -> Step: the per-sample unlabeled loss(es) and pseudolabel(s) for a
+        batch of normalised, augmented unlabeled images (B,3,H,W). None = no unlabeled term.
+    build(model, cfg) -> dict of extra modules, given the student (already on its device) and the
+        run's Config.
+    trained: which extra modules the optimiser trains (the rest, e.g. an EMA teacher, are only
+        checkpointed).
+    supervised(model, modules, x_l, y_l) -> (B,) labeled loss; default l_seg of f.
+    pseudolabel: whether g can judge its pseudolabels (``--qw`` allowed).
+    """
+
+    name: str
+    description: str
+    unlabeled: Callable[[Context, torch.Tensor], Step] | None = None
+    build: Callable[[nn.Module, Config], dict[str, nn.Module]] | None = None
+    trained: tuple[str, ...] = ()
+    supervised: Callable[[nn.Module, dict[str, nn.Module], torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    pseudolabel: bool = True
+
+    def build_modules(self, model: nn.Module, cfg: Config) -> dict[str, nn.Module]:
+        return dict(self.build(model, cfg)) if self.build is not None else {}
+
+    def supervised_loss(self, model: nn.Module, modules: dict[str, nn.Module], x: torch.Tensor,
+                        y: torch.Tensor) -> torch.Tensor:
+        """Mean labeled loss (a scalar)."""
+        if self.supervised is not None:
+            return self.supervised(model, modules, x, y).mean()
+        return seg_loss(model(x), y).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# schedules
+# ---------------------------------------------------------------------------------------------
+def ramp_weight(epoch: int, final: float, warmup: int, rampup: int) -> float:
+    """Weight of a loss term at (1-based) ``epoch``.
+
+    lambda(e) = 0 for e <= warmup; then it rises linearly, lambda(e) = final * (e - warmup) /
+    rampup, until it reaches ``final`` at e = warmup + rampup, and stays there. rampup = 0 jumps
+    to ``final`` right after the warm-up.
+    """
+    if epoch <= warmup or final == 0:
+        return 0.0
+    if rampup <= 0:
+        return float(final)
+    return float(final) * min(1.0, (epoch - warmup) / rampup)
+
+
+def ema_decay_at(updates: int, final: float, ramp_updates: int = EMA_RAMP_UPDATES) -> float:
+    """EMA decay after ``updates`` teacher updates: linear 0.5 -> ``final`` over ``ramp_updates``."""
+    return 0.5 + (final - 0.5) * min(1.0, updates / ramp_updates)
+
+
+# ---------------------------------------------------------------------------------------------
+# EMA teacher
+# ---------------------------------------------------------------------------------------------
+class EMATeacher(AveragedModel):
+    """Exponential moving average of the student's parameters; BatchNorm buffers are copied.
+
+    ``n_averaged`` counts updates (the first update copies the student). The engine checkpoints
+    the inner network (``.module``); the update count travels in the ssl task's state.
+    """
+
+    def __init__(self, student: nn.Module, decay: float):
+        def multi_avg(avg: list[torch.Tensor], cur: list[torch.Tensor], n: torch.Tensor) -> None:
+            w = 1.0 - ema_decay_at(int(n), decay)
+            torch._foreach_lerp_(avg, cur, w)
+
+        super().__init__(student, multi_avg_fn=multi_avg, use_buffers=False)
+        self.decay = decay
+        self.module.requires_grad_(False)
+        self.eval()
+
+    @property
+    def spec(self) -> dict:
+        return dict(getattr(self.module, "spec", {}) or {})
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> None:
+        self.update_parameters(getattr(student, "_orig_mod", student))
+
+    def train(self, mode: bool = True) -> "EMATeacher":
+        """The teacher always predicts in eval mode (BatchNorm uses the copied running stats)."""
+        return super().train(False)
+
+
+def ema_teacher(model: nn.Module, cfg: Config) -> EMATeacher:
+    """A fresh EMA teacher of ``model`` (a ``build`` helper)."""
+    return EMATeacher(getattr(model, "_orig_mod", model), cfg.ssl.ema_decay)
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------------------------
+def noisy(x: torch.Tensor, std: float = NOISE_STD, clip: float = NOISE_CLIP) -> torch.Tensor:
+    """x plus clipped Gaussian noise (uses torch's global generator, which the engine seeds)."""
+    return x + torch.clamp(torch.randn_like(x) * std, -clip, clip)
+
+
+@torch.no_grad()
+def probs_of(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Sigmoid probabilities (float32, no autograd) of a network's logits."""
+    return torch.sigmoid(net(x).float())
+
+
+def hard(p: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """{0, 1} float pseudolabel of probabilities."""
+    return (p > threshold).float()
+
+
+def binary_entropy(p: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of Bernoulli(p); max ln 2 at p = 0.5."""
+    p = p.clamp(1e-6, 1 - 1e-6)
+    return -(p * p.log() + (1 - p) * (1 - p).log())
+
+
+LN2 = math.log(2.0)

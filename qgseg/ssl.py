@@ -1,0 +1,353 @@
+"""Phase 2, the ``ssl`` stage: train a segmenter f on labeled + unlabeled images, guided by g.
+
+The task combines, per step,
+
+    total = sup + lambda(e) * reduce(w * unlabeled) + lambda_qar(e) * mean(1 - g(x_u, sigmoid(f(x_u))))
+
+where ``unlabeled`` is the method's per-sample loss (``qgseg/methods``), w = g(x_u, pseudolabel)
+under ``--qw`` (detached; ``reduce`` = quality.weighted_mean) and the QAR term is on when
+``ssl.qar_weight`` > 0 (method ``qar``, or ``--qar-weight`` with any method). g is frozen. The
+engine does epochs, AdamW + cosine, clipping, autocast, early stopping on val DSC, checkpoints
+and resume; at the end the best checkpoint is evaluated on the test split.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from qgseg import data as D
+from qgseg.config import Config
+from qgseg.engine import Engine, FitSettings, infinite, load_checkpoint, load_modules, resolve_device
+from qgseg.errors import InputError
+from qgseg.evaluate import evaluate_predictions, predict_probs, summarise
+from qgseg.methods import Context, Method, get_method, qw_methods, ramp_weight
+from qgseg.methods.common import EMATeacher
+from qgseg.quality import QualityPredictor, weighted_mean
+from qgseg.report import Reporter
+from qgseg.runs import Run, latest, read_json, resolve_link, start_run, write_json
+
+log = logging.getLogger("qgseg")
+STAGE = "ssl"
+ETA_MIN = 1e-6
+NAN = float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# checks and links
+# ---------------------------------------------------------------------------------------------
+def check_config(cfg: Config) -> Method:
+    """Usage checks before a run directory is made: method, --qw, image size vs architecture."""
+    from qgseg.models import check_image_size
+
+    method = get_method(cfg.ssl.method)
+    if cfg.ssl.qw and not method.pseudolabel:
+        raise InputError(f"--qw: method {method.name} has no pseudolabels for g to weight; --qw works with "
+                         + ", ".join(qw_methods()) + (" (QAR is a loss of its own)" if method.name == "qar" else ""))
+    check_image_size(cfg.model.arch, cfg.data.image_size)
+    return method
+
+
+def needs_quality(cfg: Config) -> bool:
+    return bool(cfg.ssl.qw or cfg.ssl.qar_weight > 0)
+
+
+def find_quality(cfg: Config) -> str:
+    """The train-quality run g comes from, "" for none (checked before a run directory is made).
+
+    --qw and QAR need one: an explicit ``ssl.quality`` / ``--quality`` or the newest completed
+    train-quality run, trained at this image size. Otherwise g only adds the val/test quality
+    columns: an explicit run is used (and must fit), else the newest one if it fits, else none.
+    """
+    from qgseg.config import load_run_config
+
+    size = cfg.data.image_size
+    if needs_quality(cfg) or cfg.ssl.quality:
+        run = resolve_link(cfg.ssl.quality, cfg.runs_root, "train-quality", "--quality")
+        g_size = load_run_config(run.path).data.image_size
+        if g_size != size:
+            raise InputError(f"--quality {run.path}: g was trained at {g_size} px but this run uses "
+                             f"data.image_size = {size}; use the same image size or pass --quality RUN")
+        return str(run.path)
+    run = latest(cfg.runs_root, "train-quality")
+    if run is None:
+        return ""
+    try:
+        if load_run_config(run.path).data.image_size == size:
+            return str(run.path)
+    except (InputError, OSError) as e:
+        log.info("val quality columns off: %s", e)
+    return ""
+
+
+# ---------------------------------------------------------------------------------------------
+# the task
+# ---------------------------------------------------------------------------------------------
+class SSLTask:
+    """Engine task of the ssl stage (see the module docstring for the loss)."""
+
+    monitor = "val_dsc"
+    mode = "max"
+    best_modules = ("model",)
+
+    def __init__(self, method: Method, model: nn.Module, extras: dict[str, nn.Module], cfg: Config,
+                 train: D.LabeledData, val: D.LabeledData, unlabeled: np.ndarray | None,
+                 quality: QualityPredictor | None, device: torch.device):
+        self.method = method
+        self.model = model
+        self.extras = extras
+        self.modules: dict[str, nn.Module] = {"model": model, **extras}
+        self.cfg = cfg
+        self.s = cfg.ssl
+        self.val_set = val
+        self.quality = quality
+        self.device = device
+        self.lab_images = torch.from_numpy(train.images)
+        self.lab_masks = torch.from_numpy(train.masks)
+        self.unl_images = torch.from_numpy(unlabeled) if unlabeled is not None else None
+        self.bs_l = min(cfg.train.batch_size, len(train))
+        self.bs_u = min(cfg.train.batch_size_unlabeled, len(unlabeled)) if unlabeled is not None else 0
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+        if quality is None and needs_quality(cfg):
+            raise InputError("--quality: --qw and QAR need a quality predictor g (a train-quality run)")
+
+    # -- schedules ----------------------------------------------------------------------------
+    def lambda_unsup(self, epoch: int) -> float:
+        if self.method.unlabeled is None:
+            return 0.0
+        return ramp_weight(epoch, self.s.lambda_final, self.s.warmup, self.s.rampup)
+
+    def lambda_qar(self, epoch: int) -> float:
+        return ramp_weight(epoch, self.s.qar_weight, self.s.qar_warmup, self.s.qar_rampup)
+
+    # -- data ---------------------------------------------------------------------------------
+    def steps_per_epoch(self) -> int:
+        if self.cfg.train.steps_per_epoch > 0:
+            return self.cfg.train.steps_per_epoch
+        n_l = max(1, len(self.lab_images) // self.bs_l)
+        n_u = max(1, len(self.unl_images) // self.bs_u) if self.unl_images is not None else 0
+        return max(n_l, n_u)
+
+    def _images(self, u8: torch.Tensor) -> torch.Tensor:
+        return D.to_float_images(u8.to(self.device, non_blocking=True))
+
+    def batches(self, epoch: int, generator: torch.Generator):
+        """(x_l, y_l, x_u or None) per step; the shorter loader cycles (epoch = max(L, U) steps)."""
+        lab = infinite(lambda g: D.index_batches(len(self.lab_images), self.bs_l, g), generator)
+        unl = (infinite(lambda g: D.index_batches(len(self.unl_images), self.bs_u, g), generator)
+               if self.unl_images is not None else None)
+        mf = self.memory_format
+        for _ in range(self.steps_per_epoch()):
+            il = next(lab)
+            x = self._images(self.lab_images[il])
+            y = D.to_float_masks(self.lab_masks[il].to(self.device, non_blocking=True))
+            x, y = D.random_flip_rot(x, y, generator=generator)
+            xu = None
+            if unl is not None:
+                xu = D.random_flip_rot(self._images(self.unl_images[next(unl)]), generator=generator)
+                xu = xu.contiguous(memory_format=mf)
+            yield x.contiguous(memory_format=mf), y, xu
+
+    # -- loss ---------------------------------------------------------------------------------
+    def loss(self, batch: Any, epoch: int, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x, y, xu = batch
+        lam, lam_q = self.lambda_unsup(epoch), self.lambda_qar(epoch)
+        sup = self.method.supervised_loss(self.model, self.extras, x, y)
+        total = sup
+        terms: dict[str, float] = {"sup": float(sup.detach()), "unsup": NAN, "qar": NAN, "lambda": lam,
+                                   "lambda_qar": lam_q, "qw_mean": NAN, "qw_nonzero": NAN}
+        out = None
+        if lam > 0 and xu is not None:
+            ramp = lam / self.s.lambda_final
+            assert self.method.unlabeled is not None
+            out = self.method.unlabeled(Context(self.model, self.extras, self.cfg, epoch, ramp), xu)
+            unsup, weights = self._reduce(out.parts)
+            total = total + lam * unsup
+            terms["unsup"] = float(unsup.detach())
+            if weights is not None:
+                terms["qw_mean"] = float(weights.mean())
+                terms["qw_nonzero"] = float((weights > 0).float().mean())
+            terms.update(out.terms)
+        if lam_q > 0 and xu is not None:
+            assert self.quality is not None
+            pairs = out.student if out is not None and out.student is not None else [(xu, self.model(xu))]
+            qar = torch.stack([self.quality.qar_loss(img, torch.sigmoid(logits.float())).mean()
+                               for img, logits in pairs]).mean()
+            total = total + lam_q * qar
+            terms["qar"] = float(qar.detach())
+        terms["total"] = float(total.detach())
+        return total, terms
+
+    def _reduce(self, parts) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sum over parts of reduce(w * loss); w = g(image, pseudolabel) under --qw."""
+        total, weights = 0.0, []
+        for part in parts:
+            w = None
+            if self.s.qw:
+                assert self.quality is not None
+                w = self.quality.weights(part.image.detach(), part.pseudolabel.detach(), form=self.s.qw_form,
+                                         temperature=self.s.qw_temperature, threshold=self.s.qw_threshold)
+                weights.append(w)
+            total = total + weighted_mean(part.loss.float(), w, self.s.qw_form)
+        if not parts:
+            total = torch.zeros((), device=self.device)
+        return total, (torch.cat(weights) if weights else None)
+
+    def after_step(self, step: int) -> None:
+        for m in self.extras.values():
+            if isinstance(m, EMATeacher):
+                m.update(self.model)
+
+    # -- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        probs = predict_probs(self.model, self.val_set.images, self.device, batch_size=self.cfg.train.batch_size)
+        df = evaluate_predictions(self.val_set, probs, quality=self.quality, device=self.device, with_hd95=False)
+        out = {"val_dsc": float(df["dsc"].mean()), "val_iou": float(df["iou"].mean())}
+        if "pred_quality" in df:
+            out["val_quality"] = float(df["pred_quality"].mean())
+            q, d = df["pred_quality"].to_numpy(float), df["dsc"].to_numpy(float)
+            out["val_quality_corr"] = (float(np.corrcoef(q, d)[0, 1]) if len(df) > 2 and q.std() > 0 and d.std() > 0
+                                       else NAN)
+        return out
+
+    # -- resume -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        # AveragedModel's update count is not part of the checkpointed inner network
+        return {"ema_updates": {k: int(m.n_averaged) for k, m in self.extras.items() if isinstance(m, EMATeacher)}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, n in (state or {}).get("ema_updates", {}).items():
+            if isinstance(self.extras.get(k), EMATeacher):
+                self.extras[k].n_averaged.fill_(int(n))
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+# ---------------------------------------------------------------------------------------------
+def build_optimizer(task: SSLTask, cfg: Config) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over f and the method's trained extras; cosine over train.epochs (eta_min 1e-6)."""
+    trained = [task.model] + [task.extras[k] for k in task.method.trained]
+    opt = torch.optim.AdamW([p for m in trained for p in m.parameters() if p.requires_grad], lr=cfg.train.lr,
+                            weight_decay=cfg.train.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.train.epochs, eta_min=ETA_MIN)
+    return opt, sched
+
+
+def _splits(run: Run, data: D.LabeledData, cfg: Config) -> dict[str, list[str]]:
+    path = run.path / "splits.json"
+    if path.is_file():  # a resumed run keeps its splits
+        return read_json(path)
+    splits = D.make_splits(data.stems, cfg.data.split_seed, data.root)
+    cap = cfg.data.max_labeled
+    if cap and cap < len(splits["train"]):
+        order = np.random.default_rng(cfg.data.split_seed).permutation(len(splits["train"]))
+        keep = sorted(splits["train"][i] for i in order[:cap])
+        splits["unused"] = sorted(set(splits["train"]) - set(keep))
+        splits["train"] = keep
+    write_json(path, splits)
+    return splits
+
+
+def _load_quality(link: str, cfg: Config) -> QualityPredictor | None:
+    """Load g; a g that is only wanted for the quality columns may fail to load (then: none)."""
+    if not link:
+        return None
+    try:
+        return QualityPredictor.from_run(link, cfg.data.image_size)
+    except InputError as e:
+        if needs_quality(cfg) or cfg.ssl.quality:
+            raise
+        log.warning("val/test quality columns off: %s", e)
+        return None
+
+
+def _build_model(cfg: Config) -> nn.Module:
+    from qgseg.models import build_segmenter
+
+    torch.manual_seed(cfg.seed)
+    return build_segmenter(cfg.model.arch, cfg.model.encoder, cfg.model.weights_file)
+
+
+def run_ssl(loaded, out: Path | str | None = None, resume: bool = False,
+            reporter: Reporter | None = None) -> tuple[Run, dict[str, Any]]:
+    """Train f with an SSL method (``ssl.method``, ``ssl.qw``, ``ssl.qar_weight``); evaluate on test.
+
+    ``resume`` continues the unfinished run at ``out`` (default: the newest unfinished ssl run)
+    with its saved configuration and the g it started with.
+    """
+    from qgseg.models import count_parameters
+
+    quality_run, model = "", None
+    if not resume:  # usage errors (method, --qw, g, architecture) before a run directory exists
+        check_config(loaded.config)
+        quality_run = find_quality(loaded.config)
+        model = _build_model(loaded.config)
+    device = resolve_device(loaded.config.device)
+    run, cfg, resuming = start_run(STAGE, loaded, out, resume, device=str(device),
+                                   name=loaded.config.ssl.method + ("-qw" if loaded.config.ssl.qw else ""))
+    with run.guard():
+        method = check_config(cfg)
+        if resuming:  # the g the run started with, not a newer one
+            quality_run = run.meta.get("quality_run", "")
+        quality = _load_quality(quality_run, cfg)
+        quality_run = quality.source if quality is not None else ""
+        run.update_meta(quality_run=quality_run)
+        if quality is None and needs_quality(cfg):
+            raise InputError(f"--resume {run.path}: the run records no quality predictor g")
+        quality = quality.to(device) if quality is not None else None
+        data = D.load_labeled(cfg.data.labeled, cfg.data.image_size, cfg.data.cache_dir)
+        splits = _splits(run, data, cfg)
+        train, val, test = (data.subset(splits[k]) for k in ("train", "val", "test"))
+        unlabeled = None
+        if method.unlabeled is not None or cfg.ssl.qar_weight > 0:
+            unlabeled = D.load_unlabeled(cfg.data.unlabeled, cfg.data.image_size, cfg.data.cache_dir,
+                                         limit=cfg.data.max_unlabeled, seed=cfg.seed).images
+
+        model = (model if model is not None else _build_model(cfg)).to(device)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        extras = method.build_modules(model, cfg)
+        params = {"model": count_parameters(model)}
+        params.update({k: count_parameters(m) for k, m in extras.items() if k in method.trained})
+        run.update_meta(parameters=params, parameters_trained=sum(params.values()), method=method.name,
+                        qw=cfg.ssl.qw, qar_weight=cfg.ssl.qar_weight, arch=model.spec["arch"],
+                        encoder=model.spec["encoder"], data=str(data.root),
+                        unlabeled=str(cfg.data.unlabeled) if unlabeled is not None else "")
+        if cfg.train.compile:
+            model = torch.compile(model)
+        task = SSLTask(method, model, extras, cfg, train, val, unlabeled, quality, device)
+        opt, sched = build_optimizer(task, cfg)
+        settings = FitSettings(epochs=cfg.train.epochs, patience=cfg.train.patience, seed=cfg.seed,
+                               grad_clip=cfg.train.grad_clip, precision=cfg.train.precision)
+        with (reporter or Reporter(enabled=False)) as rep:
+            fit = Engine(run, task, opt, sched, settings, device, rep).fit(resume=resuming)
+
+        best = load_checkpoint(run.checkpoints / "best.pt", "best checkpoint")
+        load_modules({"model": model}, best["modules"], str(run.checkpoints / "best.pt"))
+        probs = predict_probs(model, test.images, device, batch_size=cfg.train.batch_size)
+        cases = evaluate_predictions(test, probs, quality=quality, device=device, with_hd95=True)
+        cases.to_csv(run.path / "test_cases.csv", index=False)
+        summary: dict[str, Any] = {
+            "run": str(run.path), "stage": STAGE, "method": method.name, "qw": cfg.ssl.qw,
+            "qar_weight": cfg.ssl.qar_weight, "arch": model_spec(model)["arch"], "encoder": model_spec(model)["encoder"],
+            "parameters": params["model"], "image_size": cfg.data.image_size, "quality_run": quality_run,
+            "n_train": len(train), "n_val": len(val), "n_test": len(test),
+            "n_unlabeled": 0 if unlabeled is None else len(unlabeled),
+            "best_epoch": fit.best_epoch, "best_val_dsc": fit.best_value, "epochs_run": fit.epochs_run,
+            "stopped_early": fit.stopped_early, "train_seconds": round(fit.seconds, 2),
+        }
+        summary.update(summarise(cases, "test"))
+        summary["test_hd95_undefined"] = int(cases["hd95"].isna().sum())
+        summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
+        run.write_summary(summary)
+        run.set_status("completed")
+    return run, summary
+
+
+def model_spec(model: nn.Module) -> dict:
+    return dict(getattr(getattr(model, "_orig_mod", model), "spec", {}))
