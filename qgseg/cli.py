@@ -83,9 +83,10 @@ def command(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(kwargs.get("debug"))
+        previous = None
         try:
-            if threading_main():
-                signal.signal(signal.SIGTERM, _sigterm)
+            if threading_main():  # SIGTERM (kill, schedulers) ends a run like Ctrl-C: checkpoint, 130
+                previous = signal.signal(signal.SIGTERM, _sigterm)
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
@@ -95,17 +96,25 @@ def command(fn: Callable) -> Callable:
         except QgsegError as e:
             if debug:
                 traceback.print_exc()
-            print(f"qgseg: error: {e}", file=sys.stderr)
+            print(f"qgseg: error: {_one_line(str(e))}", file=sys.stderr)
             raise typer.Exit(e.exit_code)
         except Exception as e:  # noqa: BLE001 - the last line of defence
             if debug:
                 traceback.print_exc()
             else:
-                print(f"qgseg: error: {type(e).__name__}: {e} (run with --debug for the traceback)",
-                      file=sys.stderr)
+                print(f"qgseg: error: {type(e).__name__}: {_one_line(str(e))} (run with --debug for the "
+                      "traceback)", file=sys.stderr)
             raise typer.Exit(1)
+        finally:
+            if previous is not None:  # in-process callers (tests, notebooks) keep their own handler
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper
+
+
+def _one_line(message: str) -> str:
+    """Errors are one line on stderr (library messages from torch etc. can span several)."""
+    return " ".join(message.split())
 
 
 def threading_main() -> bool:
@@ -117,6 +126,10 @@ def threading_main() -> bool:
 def _emit(json_out: bool, result: dict[str, Any], render: Callable[[], Any]) -> None:
     from qgseg.report import print_json, stdout_console
 
+    from qgseg.distributed import is_main_process
+
+    if not is_main_process():
+        return  # under torchrun rank 0 prints the result
     if json_out:
         print_json(result)
     else:
@@ -336,10 +349,131 @@ def train_quality(
                                                      skip=("run", "stage")))
 
 
+# ---------------------------------------------------------------------------------------------
+# evaluate, ablate, demo
+# ---------------------------------------------------------------------------------------------
+@app.command()
+@command
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="An ssl, train-weak or train-quality run directory.")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Evaluate on all cases of another labeled data set (cross-dataset).")] = None,
+    split: Annotated[str, typer.Option("--split", help="Split of the run's own data: train, val or test.")] = "test",
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last (train-weak runs: the last weak_eNNN.pt).")] = "best",
+    quality: Annotated[Optional[str], typer.Option("--quality", help="train-quality run for the predicted-quality column (default: newest completed of the same image size).")] = None,
+    config: ConfigOpt = None, preset: PresetOpt = None, sets: SetOpt = None, device: DeviceOpt = None,
+    json_out: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Evaluate a stored run into RUN/eval/<split or data set>/: per-case metrics, summary, plots."""
+    from qgseg.evaluate import run_evaluate
+    from qgseg.report import kv_table, mean_se_str
+
+    ctx = _setup(preset, config, sets, {"device": device}, json_out, quiet, debug)
+    out, summary = run_evaluate(ctx.loaded, run, data_dir=data, split=split, checkpoint=checkpoint, quality=quality)
+
+    def render():
+        s = summary
+        if s["stage"] == "train-quality":
+            skip = ("run", "stage", "out", "mae_by_category")
+            return kv_table(f"g on {s['dataset']} ({s['run']}; output {s['out']})",
+                            {k: v for k, v in s.items() if k not in skip})
+        shown: dict[str, Any] = {"run": s["run"], "checkpoint": s["checkpoint"], "cases": s["cases"],
+                                 "DSC": mean_se_str(s.get("dsc"), s.get("dsc_se") or 0.0),
+                                 "IoU": mean_se_str(s.get("iou"), s.get("iou_se") or 0.0),
+                                 "HD95 (px)": mean_se_str(s.get("hd95"), s.get("hd95_se") or 0.0, 2)
+                                 + (f" ({s['hd95_undefined']} undefined)" if s.get("hd95_undefined") else "")}
+        if s.get("quality_run"):
+            shown["predicted quality g"] = mean_se_str(s.get("pred_quality"), s.get("pred_quality_se") or 0.0)
+            shown["Pearson(g, DSC)"] = s.get("quality_pearson")
+            shown["p-value"] = s.get("quality_pearson_p")
+            shown["g"] = s["quality_run"]
+        elif s.get("note"):
+            shown["note"] = s["note"]
+        shown["output"] = s["out"]
+        return kv_table(f"evaluate on {s['dataset']} (mean ± standard error over cases)", shown)
+
+    _emit(json_out, summary, render)
+
+
+@app.command()
+@command
+def ablate(
+    name: Annotated[str, typer.Argument(help="lambda-qar, lambda-qw, p-weak, k, backbone, arch, unlabeled-size or method.")],
+    values: Annotated[Optional[str], typer.Option("--values", help="Comma-separated grid (default: the sweep's own grid).")] = None,
+    seeds: Annotated[Optional[int], typer.Option("--seeds", help="Seeds per value (default: ablate.seeds).")] = None,
+    jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Points run in parallel processes (default: ablate.jobs).")] = None,
+    quality: Annotated[Optional[str], typer.Option("--quality", help="train-quality run for the ssl points (default: reuse / newest / train one).")] = None,
+    print_commands: Annotated[bool, typer.Option("--print-commands", help="Print one shell command per unfinished point (for a job array) instead of running.")] = False,
+    labeled: LabeledOpt = None, unlabeled: UnlabeledOpt = None, image_size: SizeOpt = None,
+    config: ConfigOpt = None, preset: PresetOpt = None, sets: SetOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Ablate directory (default: runs/ablate/<name>).", rich_help_panel="Output")] = None,
+    seed: SeedOpt = None, device: DeviceOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Sweep one setting over values x seeds (resumable, parallel, or as cluster commands); tabulate."""
+    from qgseg.ablate import render as render_table
+    from qgseg.ablate import run_ablate
+    from qgseg.report import Reporter
+
+    ctx = _setup(preset, config, sets, {"data.labeled": labeled, "data.unlabeled": unlabeled,
+                                        "data.image_size": image_size, "seed": seed, "device": device},
+                 json_out, quiet, debug)
+    res = run_ablate(ctx.loaded, name, values=values, seeds=seeds, jobs=jobs, out=out, quality=quality,
+                     print_commands=print_commands, reporter=Reporter(quiet=quiet))
+    if print_commands:
+        if json_out:
+            from qgseg.report import print_json
+
+            print_json({"run": str(res.run.path), "commands": res.commands})
+        else:
+            for line in res.commands:
+                print(line)
+        if not res.commands:
+            print(f"qgseg: every point of {res.run.path} is completed; run the same ablate command without "
+                  "--print-commands to gather the table", file=sys.stderr)
+        return
+    result = res.run.summary
+    _emit(json_out, result, lambda: render_table(res))
+    if res.failed:
+        print(f"qgseg: error: {len(res.failed)} of {len(res.points)} points did not complete (see the table and "
+              f"{res.run.path / 'logs'}); rerun the same command to retry them", file=sys.stderr)
+        raise typer.Exit(1)
+
+
+@app.command()
+@command
+def demo(
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for everything (default: runs/demo).", rich_help_panel="Output")] = None,
+    n_labeled: Annotated[int, typer.Option("--n-labeled", min=10, help="Synthetic labeled images.")] = 60,
+    n_unlabeled: Annotated[int, typer.Option("--n-unlabeled", min=2, help="Synthetic unlabeled images.")] = 80,
+    preset: Annotated[str, typer.Option("--preset", help="Built-in preset the demo starts from.", rich_help_panel="Configuration")] = "demo",
+    config: ConfigOpt = None, sets: SetOpt = None, seed: SeedOpt = None, device: DeviceOpt = None,
+    json_out: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
+) -> None:
+    """The whole pipeline on synthetic data: train-weak, train-quality, six ssl runs, a Table-1 comparison."""
+    from qgseg.config import load_config
+    from qgseg.demo import render as render_demo
+    from qgseg.demo import run_demo
+    from qgseg.report import setup_logging
+
+    # before torch loads: idle OpenMP threads must not spin, or a busy 2-core machine slows ~10x (DESIGN.md)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    setup_logging(quiet=quiet or json_out and not sys.stderr.isatty(), debug=debug)
+    # the demo is self-contained: ./qgseg.toml is read only when given with --config
+    loaded = load_config(preset=preset, config_file=config, options={"seed": seed, "device": device},
+                         sets=sets or [], cwd=Path(__file__).parent / "presets")
+    summary = run_demo(loaded, out=out, n_labeled=n_labeled, n_unlabeled=n_unlabeled, quiet=quiet)
+    _emit(json_out, summary, lambda: render_demo(summary))
+
+
 def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    app()
+    try:
+        app()
+    finally:
+        from qgseg.distributed import cleanup
+
+        cleanup()
 
 
 if __name__ == "__main__":  # pragma: no cover

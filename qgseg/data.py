@@ -473,7 +473,19 @@ def random_flip_rot(x: torch.Tensor, *others: torch.Tensor, generator: torch.Gen
 
 def index_batches(n: int, batch_size: int, generator: torch.Generator, shuffle: bool = True,
                   drop_last: bool = True) -> list[torch.Tensor]:
-    """Index batches of one pass over ``n`` samples (a seeded permutation when shuffling)."""
+    """Index batches of one pass over ``n`` samples (a seeded permutation when shuffling).
+
+    Under torchrun every rank draws the same permutation and takes its slice of each global
+    batch of ``world_size * batch_size`` indices (as DistributedSampler does).
+    """
+    from qgseg import distributed
+
     order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    world, rank = distributed.world_size(), distributed.rank()
+    if world > 1:
+        batch_size = min(batch_size, max(1, n // world))
+        glob = batch_size * world
+        stop = n - n % glob
+        return [order[i + rank * batch_size:i + (rank + 1) * batch_size] for i in range(0, stop, glob)]
     stop = n - n % batch_size if drop_last and n >= batch_size else n
     return [order[i:i + batch_size] for i in range(0, stop, batch_size)]

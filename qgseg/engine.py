@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from qgseg import distributed
 from qgseg.errors import InputError, QgsegError, TrainingDiverged
 from qgseg.report import Reporter
 from qgseg.runs import Run, atomic_write_bytes, atomic_write_text
@@ -161,15 +162,15 @@ class Engine:
 
     def __init__(self, run: Run, task: Task, optimizer: torch.optim.Optimizer,
                  scheduler: Any, settings: FitSettings, device: torch.device,
-                 reporter: Reporter | None = None, is_main: bool = True):
+                 reporter: Reporter | None = None, is_main: bool | None = None):
         self.run = run
         self.task = task
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.s = settings
         self.device = device
-        self.reporter = reporter or Reporter(enabled=False, quiet=True)
-        self.is_main = is_main
+        self.is_main = distributed.is_main_process() if is_main is None else is_main
+        self.reporter = reporter if reporter is not None and self.is_main else Reporter(enabled=False, quiet=True)
         self.scaler = torch.amp.GradScaler(device.type) if settings.precision == "fp16" else None
         self.epoch = 0
         self.step = 0
@@ -226,7 +227,10 @@ class Engine:
             "specs": module_specs(mods)})
 
     def write_metrics(self) -> None:
-        if not self.is_main or not self.history:
+        if not self.is_main:
+            return
+        if not self.history:
+            (self.run.path / "metrics.csv").unlink(missing_ok=True)
             return
         cols: list[str] = []
         for row in self.history:
@@ -241,12 +245,16 @@ class Engine:
         last = self.run.checkpoints / "last.pt"
         if resume and last.is_file():
             self._restore(load_checkpoint(last, "resume checkpoint"), str(last))
+            # metrics.csv may hold rows of an epoch that was killed before its last.pt: the
+            # checkpoint's history is the truth
             self.write_metrics()
             log.info("resuming %s after epoch %d", self.run.path, self.epoch)
             if self.epoch > 0:
                 self.reporter.note(f"resumed after epoch {self.epoch} (best {self.task.monitor} "
                                    f"{self.best:.4f} at epoch {self.best_epoch})")
         else:
+            for m in self.task.modules.values():  # every rank starts from rank 0's weights
+                distributed.broadcast_module(m)
             self.save_last()  # epoch 0: the initial weights, so a resume always has a start
         t0 = time.time()
         stopped_early = self.bad_epochs >= self.s.patience
@@ -254,8 +262,10 @@ class Engine:
         self.reporter.start(self.run.stage or "train", total_steps, completed=self.epoch * self.task.steps_per_epoch())
         while self.epoch < self.s.epochs and not stopped_early:
             epoch = self.epoch + 1
-            row = self._train_epoch(epoch)
+            row = distributed.mean_over_processes(self._train_epoch(epoch))
+            self._check_finite(epoch)
             for m in self.task.modules.values():
+                distributed.broadcast_module(m, buffers_only=True)  # same BatchNorm stats on every rank
                 m.eval()
             with torch.no_grad():
                 row.update(self.task.evaluate(epoch))
@@ -291,6 +301,17 @@ class Engine:
         return FitResult(self.best_epoch, self.best, self.epoch, stopped_early, self.history,
                          time.time() - t0)
 
+    def _check_finite(self, epoch: int) -> None:
+        """Refuse to checkpoint non-finite weights: the loss of an epoch's last step can be finite
+        while its update made the weights inf/NaN, and last.pt must stay the last good state."""
+        for name, m in self.task.modules.items():
+            for what, t in [*m.named_parameters(), *m.named_buffers()]:
+                if t.is_floating_point() and not torch.isfinite(t).all():
+                    raise TrainingDiverged(
+                        f"weights became non-finite at epoch {epoch} ({name}.{what}); the last good checkpoint "
+                        f"is {self.run.checkpoints / 'last.pt'} (epoch {self.epoch}); try a lower learning rate "
+                        "(train.lr / quality.lr)")
+
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         torch.manual_seed(epoch_seed(self.s.seed, epoch, 1))
         gen = torch.Generator().manual_seed(epoch_seed(self.s.seed, epoch, 2))
@@ -315,6 +336,7 @@ class Engine:
                 self.scaler.unscale_(self.optimizer)
             else:
                 loss.backward()
+            distributed.average_gradients(params)
             if self.s.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, self.s.grad_clip)
             if self.scaler is not None:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from qgseg import data as D
+from qgseg import distributed
 from qgseg.config import Config, load_run_config
 from qgseg.corrupt import CorruptedSet, corrupt_dataset, load_set, save_set
 from qgseg.engine import Engine, FitSettings, load_checkpoint, load_modules, resolve_device
@@ -168,7 +169,7 @@ class QualityTask:
         self.device = device
 
     def steps_per_epoch(self) -> int:
-        return max(1, len(self.sets["train"]) // self.bs)
+        return max(1, len(self.sets["train"]) // (self.bs * distributed.world_size()))
 
     def batches(self, epoch: int, generator: torch.Generator):
         for b in D.index_batches(len(self.train_rows), self.bs, generator):
@@ -251,13 +252,30 @@ def quality_report(g, data: D.LabeledData, rows: np.ndarray, cs: CorruptedSet, d
     return out, table
 
 
+def _build_g(cfg: Config) -> torch.nn.Module:
+    """g, seeded by ``cfg.seed`` (its initial weights do not depend on anything else)."""
+    from qgseg.models import build_quality_net
+
+    q = cfg.quality
+    torch.manual_seed(cfg.seed)
+    return build_quality_net(q.backbone, pretrained=q.pretrained, weights_file=q.weights_file)
+
+
 def run_train_quality(loaded, out: Path | str | None = None, resume: bool = False,
                       reporter: Reporter | None = None) -> tuple[Run, dict[str, Any]]:
     """Train the quality predictor g and evaluate it on the test split's corrupted masks."""
     from qgseg import plots
-    from qgseg.models import build_quality_net, count_parameters
+    from qgseg.models import count_parameters
 
-    device = resolve_device(loaded.config.device)
+    distributed.setup(loaded.config.device)
+    device = distributed.local_device(resolve_device(loaded.config.device))
+    g = None
+    if not resume:  # usage errors (backbone, weights file, --corrupt / --weak links) before a run directory
+        g = _build_g(loaded.config)
+        for link, stage, option in ((loaded.config.corrupt.run, "corrupt", "--corrupt"),
+                                    (loaded.config.weak.run, "train-weak", "--weak")):
+            if link:
+                resolve_link(link, loaded.config.runs_root, stage, option)
     run, cfg, resuming = start_run("train-quality", loaded, out, resume, device=str(device))
     with run.guard():
         data, splits = _labeled_and_splits(cfg, run)
@@ -270,8 +288,7 @@ def run_train_quality(loaded, out: Path | str | None = None, resume: bool = Fals
         pos = {s: i for i, s in enumerate(data.stems)}
         rows = {s: np.array([pos[x] for x in v]) for s, v in splits.items()}
         q = cfg.quality
-        torch.manual_seed(cfg.seed)
-        g = build_quality_net(q.backbone, pretrained=q.pretrained, weights_file=q.weights_file).to(device)
+        g = (g if g is not None else _build_g(cfg)).to(device)
         if cfg.train.channels_last:
             g = g.to(memory_format=torch.channels_last)
         run.update_meta(parameters={"g": count_parameters(g)}, data=str(data.root), weak_run=weak_run,
@@ -283,6 +300,9 @@ def run_train_quality(loaded, out: Path | str | None = None, resume: bool = Fals
                                precision=cfg.train.precision)
         with (reporter or Reporter(enabled=False)) as rep:
             fit = Engine(run, task, opt, sched, settings, device, rep).fit(resume=resuming)
+        distributed.barrier()
+        if not distributed.is_main_process():
+            return run, {}  # rank 0 evaluates on test and writes the summary
         best = load_checkpoint(run.checkpoints / "best.pt")
         load_modules({"g": g}, best["modules"], "best.pt")
         metrics, table = quality_report(g, data, rows["test"], sets["test"], device, splits["test"])

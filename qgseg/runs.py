@@ -23,7 +23,14 @@ STATUSES = ("running", "completed", "failed", "interrupted")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside ``path`` and rename it into place."""
+    """Write to a temporary file beside ``path`` and rename it into place.
+
+    Under torchrun only rank 0 writes (the run directory and the data cache are shared).
+    """
+    from qgseg.distributed import is_main_process
+
+    if not is_main_process():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -114,13 +121,30 @@ class Run:
     # -- meta ------------------------------------------------------------------------------
     @property
     def meta(self) -> dict[str, Any]:
+        """meta.json, or {} when it is missing or unreadable (for lookups; see :meth:`read_meta`)."""
         try:
-            return read_json(self.meta_path)
-        except (OSError, json.JSONDecodeError):
+            meta = read_json(self.meta_path)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return {}
+        return meta if isinstance(meta, dict) else {}
+
+    def read_meta(self) -> dict[str, Any]:
+        """meta.json, strictly: a damaged file is an InputError naming it ({} when it is absent)."""
+        if not self.meta_path.exists():
+            return {}
+        try:
+            meta = read_json(self.meta_path)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{self.meta_path}: unreadable run record ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else ''}); restore it or start a new run") from None
+        if not isinstance(meta, dict):
+            raise InputError(f"{self.meta_path}: expected a JSON object, found {type(meta).__name__}")
+        return meta
 
     def update_meta(self, **fields: Any) -> dict[str, Any]:
-        meta = self.meta
+        """Merge ``fields`` into meta.json. A damaged meta.json is refused, never overwritten with
+        only the new fields (which would lose the stage, status history and provenance)."""
+        meta = self.read_meta()
         meta.update(fields)
         write_json(self.meta_path, meta)
         return meta
@@ -145,6 +169,10 @@ class Run:
         self.update_meta(**fields)
 
     def log(self, message: str) -> None:
+        from qgseg.distributed import is_main_process
+
+        if not is_main_process():
+            return
         with open(self.path / "log.txt", "a", encoding="utf-8") as f:
             f.write(f"{_now()} {message}\n")
 
@@ -157,21 +185,105 @@ class Run:
 
     @contextlib.contextmanager
     def guard(self) -> Iterator["Run"]:
-        """Mark the run ``interrupted`` on Ctrl-C / SIGTERM and ``failed`` (with the reason) on errors."""
+        """Mark the run ``interrupted`` on Ctrl-C / SIGTERM and ``failed`` (with the reason) on errors.
+
+        An exit with code 0 (``SystemExit(0)``, ``typer.Exit(0)``) leaves the status alone, and
+        exit 130 counts as an interruption. The guard never marks a run ``completed``: only the
+        stage does, after it wrote summary.json.
+        """
         try:
             yield self
         except KeyboardInterrupt:
-            self.set_status("interrupted", "interrupted by the user (Ctrl-C or SIGTERM)")
-            self.log("interrupted")
+            self._finish("interrupted", "interrupted by the user (Ctrl-C or SIGTERM)")
             raise
         except BaseException as e:
-            reason = f"{type(e).__name__}: {e}" if not isinstance(e, SystemExit) else f"exit {e.code}"
-            self.set_status("failed", reason)
-            self.log(f"failed: {reason}")
+            code = _exit_code(e)
+            if code == 130:
+                self._finish("interrupted", "interrupted (exit 130)")
+            elif code != 0:
+                reason = f"exit {code}" if code is not None else f"{type(e).__name__}: {e}"
+                self._finish("failed", " ".join(reason.split()))  # one line, as the CLI prints it
             raise
+
+    def _finish(self, status: str, reason: str) -> None:
+        # best effort: a damaged meta.json or a full disk must not hide the error being handled
+        try:
+            self.set_status(status, reason)
+            self.log(f"{status}: {reason}")
+        except Exception as e:  # noqa: BLE001
+            import logging
+
+            logging.getLogger("qgseg").warning("%s: could not mark the run %s (%s)", self.path, status, e)
 
     def __repr__(self) -> str:  # pragma: no cover
         return f"Run({str(self.path)!r})"
+
+
+def _exit_code(e: BaseException) -> int | None:
+    """The exit code of SystemExit or typer's / click's Exit, None for any other exception."""
+    if isinstance(e, SystemExit):
+        return 0 if e.code is None else (e.code if isinstance(e.code, int) else 1)
+    # typer.Exit is its own class in newer typer (not click's); both carry exit_code
+    if type(e).__name__ == "Exit" and type(e).__module__.split(".")[0] in ("typer", "click"):
+        return int(getattr(e, "exit_code", 1))
+    return None
+
+
+def _proc_stat(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat after "(comm)" (Linux): [state, ppid, ...]; [] where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rindex(")") + 2:].split()
+    except (OSError, ValueError):
+        return []
+
+
+def _process_start(pid: int) -> int:
+    """Start time of a process in clock ticks since boot (Linux), 0 where unknown."""
+    fields = _proc_stat(pid)
+    return int(fields[19]) if len(fields) > 19 else 0  # field 22 of stat
+
+
+def _process_alive(pid: int, host: str, started: int = 0) -> bool:
+    """Whether ``pid`` on this host is a live process other than this one.
+
+    Only checked on the same host. Where the process start time was recorded (Linux), it must
+    match, so a recycled pid of an unrelated process does not count; a zombie is dead.
+    """
+    if not pid or host != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass  # exists, owned by someone else
+    fields = _proc_stat(pid)
+    if not fields:
+        return not started  # no /proc: trust the pid
+    if fields[0] in ("Z", "X"):
+        return False
+    return not started or int(fields[19]) == started
+
+
+def _still_running(run: "Run") -> int:
+    """The pid of the live process writing ``run`` (status running), else 0."""
+    meta = run.meta
+    if meta.get("status") != "running":
+        return 0
+    pid = int(meta.get("pid") or 0)
+    return pid if _process_alive(pid, str(meta.get("host", "")), int(meta.get("pid_start") or 0)) else 0
+
+
+def _remove_stale_temp_files(run: "Run") -> None:
+    """Temporary files of atomic writes cut short by a kill (never read; safe to drop)."""
+    for folder in (run.path, run.checkpoints, run.path / "predictions"):
+        if folder.is_dir():
+            for p in folder.glob(".*.tmp"):
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
 
 
 def new_run_dir(root: Path | str, stage: str, name: str = "") -> Path:
@@ -218,6 +330,8 @@ def create_run(path: Path | str, stage: str, config_toml: str, argv: Iterable[st
         "argv": list(argv if argv is not None else sys.argv),
         "cwd": os.getcwd(),
         "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_start": _process_start(os.getpid()),
         "device": device,
         "git_sha": _git_sha(),
         "versions": _versions(),
@@ -282,19 +396,74 @@ def resume_target(value: str, root: Path | str, stage: str) -> Run:
         if not (p / "meta.json").is_file():
             raise InputError(f"--out {value}: not a qgseg run directory to resume (no meta.json)")
         run = Run(p)
-        if run.stage != stage:
-            raise InputError(f"--out {value}: is a {run.stage} run, not {stage}")
-        if run.status == "completed":
+        meta = run.read_meta()
+        if meta.get("stage") != stage:
+            raise InputError(f"--out {value}: is a {meta.get('stage') or 'unknown'} run, not {stage}")
+        if meta.get("status") == "completed":
             raise InputError(f"--out {value}: run is already completed; nothing to resume")
+        pid = _still_running(run)
+        if pid:
+            raise InputError(f"--out {value}: run is still in progress (process {pid}); stop it first or "
+                             "wait for it to finish")
         return run
-    candidates = [r for r in find_runs(root, stage, status=None) if r.status != "completed"]
+    # a run killed outright (SIGKILL, power loss) still says "running": it is resumable unless
+    # its process is alive
+    candidates = [r for r in find_runs(root, stage, status=None)
+                  if r.status != "completed" and not _still_running(r)]
     if not candidates:
         raise InputError(f"--resume: no unfinished {stage} run under {Path(root) / stage}")
     return candidates[-1]
 
 
+def _warn_ignored_options(loaded: Any, cfg: Any, run: "Run") -> None:
+    """--resume continues with the run's saved configuration: say which given options differ."""
+    import logging
+
+    from qgseg.config import to_dict
+
+    given, saved = to_dict(loaded.config), to_dict(cfg)
+    ignored = []
+    for key, source in getattr(loaded, "explicit", {}).items():
+        if source not in ("option", "--set") or key in ("device", "runs_root"):
+            continue
+        a, b = given, saved
+        for part in key.split("."):
+            a, b = (a or {}).get(part), (b or {}).get(part)
+        if a != b:
+            ignored.append(f"{key}={a!r} (run has {b!r})")
+    if ignored:
+        logging.getLogger("qgseg").warning("--resume %s continues with its saved configuration; ignored: %s",
+                                           run.path, ", ".join(ignored))
+
+
 def start_run(stage: str, loaded: Any, out: Path | str | None, resume: bool = False,
               device: str = "", name: str = "") -> tuple[Run, Any, bool]:
+    """Create a new run directory for ``stage`` or reopen one for ``--resume`` (see
+    :func:`_start_run_here`). Under torchrun rank 0 does it and the other ranks open the same run."""
+    from qgseg import distributed
+
+    if not distributed.active():
+        return _start_run_here(stage, loaded, out, resume, device, name)
+    result, error = None, ""
+    if distributed.is_main_process():
+        try:
+            run, cfg, resuming = _start_run_here(stage, loaded, out, resume, device, name)
+            result = (str(run.path), resuming)
+        except InputError as e:
+            error = str(e)
+    result, error = distributed.broadcast_object((result, error))
+    if error:
+        raise InputError(error)
+    if distributed.is_main_process():
+        return run, cfg, resuming
+    from qgseg.config import load_run_config
+
+    path, resuming = result
+    return Run(path), load_run_config(Path(path)), resuming
+
+
+def _start_run_here(stage: str, loaded: Any, out: Path | str | None, resume: bool = False,
+                    device: str = "", name: str = "") -> tuple[Run, Any, bool]:
     """Create a new run directory for ``stage`` or reopen one for ``--resume``.
 
     With ``resume``, ``out`` names the run to continue (default: the newest unfinished run of
@@ -307,7 +476,11 @@ def start_run(stage: str, loaded: Any, out: Path | str | None, resume: bool = Fa
     if resume:
         run = resume_target(str(out) if out else "latest", cfg.runs_root, stage)
         cfg = load_run_config(run.path)
-        run.update_meta(resumed=run.meta.get("resumed", 0) + 1)
+        _warn_ignored_options(loaded, cfg, run)
+        _remove_stale_temp_files(run)
+        meta = run.read_meta()
+        run.update_meta(resumed=int(meta.get("resumed", 0)) + 1, pid=os.getpid(),
+                        pid_start=_process_start(os.getpid()), host=socket.gethostname())
         run.set_status("running")
         run.log("resumed")
         return run, cfg, True

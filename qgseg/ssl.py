@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from qgseg import data as D
+from qgseg import distributed
 from qgseg.config import Config
 from qgseg.engine import Engine, FitSettings, infinite, load_checkpoint, load_modules, resolve_device
 from qgseg.errors import InputError
@@ -129,8 +130,9 @@ class SSLTask:
     def steps_per_epoch(self) -> int:
         if self.cfg.train.steps_per_epoch > 0:
             return self.cfg.train.steps_per_epoch
-        n_l = max(1, len(self.lab_images) // self.bs_l)
-        n_u = max(1, len(self.unl_images) // self.bs_u) if self.unl_images is not None else 0
+        world = distributed.world_size()  # under torchrun each rank does its share of the epoch
+        n_l = max(1, len(self.lab_images) // (self.bs_l * world))
+        n_u = max(1, len(self.unl_images) // (self.bs_u * world)) if self.unl_images is not None else 0
         return max(n_l, n_u)
 
     def _images(self, u8: torch.Tensor) -> torch.Tensor:
@@ -282,12 +284,13 @@ def run_ssl(loaded, out: Path | str | None = None, resume: bool = False,
     """
     from qgseg.models import count_parameters
 
+    distributed.setup(loaded.config.device)
     quality_run, model = "", None
     if not resume:  # usage errors (method, --qw, g, architecture) before a run directory exists
         check_config(loaded.config)
         quality_run = find_quality(loaded.config)
         model = _build_model(loaded.config)
-    device = resolve_device(loaded.config.device)
+    device = distributed.local_device(resolve_device(loaded.config.device))
     run, cfg, resuming = start_run(STAGE, loaded, out, resume, device=str(device),
                                    name=loaded.config.ssl.method + ("-qw" if loaded.config.ssl.qw else ""))
     with run.guard():
@@ -326,6 +329,9 @@ def run_ssl(loaded, out: Path | str | None = None, resume: bool = False,
                                grad_clip=cfg.train.grad_clip, precision=cfg.train.precision)
         with (reporter or Reporter(enabled=False)) as rep:
             fit = Engine(run, task, opt, sched, settings, device, rep).fit(resume=resuming)
+        distributed.barrier()
+        if not distributed.is_main_process():
+            return run, {}  # rank 0 evaluates on test and writes the summary
 
         best = load_checkpoint(run.checkpoints / "best.pt", "best checkpoint")
         load_modules({"model": model}, best["modules"], str(run.checkpoints / "best.pt"))
