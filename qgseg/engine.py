@@ -100,6 +100,7 @@ class FitSettings:
     precision: str = "auto"
     scheduler_interval: str = "epoch"  # "epoch" or "step"
     stop_after_epoch: int = 0  # testing aid: raise KeyboardInterrupt after this epoch (0 = off)
+    lr_key: str = "train.lr"  # the config key to name when training diverges
 
 
 @dataclass
@@ -309,8 +310,12 @@ class Engine:
                 if t.is_floating_point() and not torch.isfinite(t).all():
                     raise TrainingDiverged(
                         f"weights became non-finite at epoch {epoch} ({name}.{what}); the last good checkpoint "
-                        f"is {self.run.checkpoints / 'last.pt'} (epoch {self.epoch}); try a lower learning rate "
-                        "(train.lr / quality.lr)")
+                        f"is {self.run.checkpoints / 'last.pt'} (epoch {self.epoch}); {self._lr_hint()}")
+
+    def _lr_hint(self) -> str:
+        group = self.optimizer.param_groups[0]
+        lr = group.get("initial_lr", group["lr"])
+        return f"start a new run with a lower {self.s.lr_key} (this run: {lr:g})"
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         torch.manual_seed(epoch_seed(self.s.seed, epoch, 1))
@@ -328,8 +333,7 @@ class Engine:
             if not torch.isfinite(loss.detach()).all():
                 raise TrainingDiverged(
                     f"loss became {loss.item()} at epoch {epoch}, step {self.step + 1}; the last good "
-                    f"checkpoint is {self.run.checkpoints / 'last.pt'} (epoch {self.epoch}); try a lower "
-                    "learning rate (train.lr / quality.lr)")
+                    f"checkpoint is {self.run.checkpoints / 'last.pt'} (epoch {self.epoch}); {self._lr_hint()}")
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()

@@ -297,7 +297,7 @@ def run_train_quality(loaded, out: Path | str | None = None, resume: bool = Fals
         opt = torch.optim.AdamW(g.parameters(), lr=q.lr, weight_decay=q.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=10, T_mult=2, eta_min=1e-6)
         settings = FitSettings(epochs=q.epochs, patience=q.patience, seed=cfg.seed, grad_clip=q.grad_clip,
-                               precision=cfg.train.precision)
+                               precision=cfg.train.precision, lr_key="quality.lr")
         with (reporter or Reporter(enabled=False)) as rep:
             fit = Engine(run, task, opt, sched, settings, device, rep).fit(resume=resuming)
         distributed.barrier()

@@ -266,8 +266,25 @@ def _process_alive(pid: int, host: str, started: int = 0) -> bool:
     return not started or int(fields[19]) == started
 
 
+def process_alive(run: "Run") -> bool | None:
+    """Whether the process that last started or resumed ``run`` is still alive.
+
+    True / False when the run was started on this host (exact on Linux, where the process start
+    time is recorded, so a recycled pid does not count); None when it cannot be told (another
+    host, or a run made before pids were recorded). A run killed outright (SIGKILL, power loss)
+    still says ``running`` in meta.json: this tells it from one in progress.
+    """
+    meta = run.meta
+    pid, host = int(meta.get("pid") or 0), str(meta.get("host", ""))
+    if not pid or host != socket.gethostname():
+        return None
+    if pid == os.getpid():
+        return True
+    return _process_alive(pid, host, int(meta.get("pid_start") or 0))
+
+
 def _still_running(run: "Run") -> int:
-    """The pid of the live process writing ``run`` (status running), else 0."""
+    """The pid of the live process writing ``run`` (status running, another process), else 0."""
     meta = run.meta
     if meta.get("status") != "running":
         return 0

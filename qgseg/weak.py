@@ -89,10 +89,13 @@ def run_train_weak(loaded, out: Path | str | None = None, resume: bool = False,
                    reporter: Reporter | None = None) -> tuple[Run, dict[str, Any]]:
     """Train the weak U-Net and store its checkpoints' predictions."""
     device = resolve_device(loaded.config.device)
+    # usage errors (architecture, encoder, image size) answer before a run directory exists
+    model = None if resume else _build_model(loaded.config)
     run, cfg, resuming = start_run(STAGE, loaded, out, resume, device=str(device))
     with run.guard():
         w = cfg.weak
-        check_image_size(w.arch, cfg.data.image_size, "data.image_size")
+        if model is None:
+            model = _build_model(cfg)
         data = D.load_labeled(cfg.data.labeled, cfg.data.image_size, cfg.data.cache_dir)
         splits = D.make_splits(data.stems, cfg.data.split_seed, data.root)
         write_json(run.path / "splits.json", splits)
@@ -100,14 +103,13 @@ def run_train_weak(loaded, out: Path | str | None = None, resume: bool = False,
         pos = {s: i for i, s in enumerate(data.stems)}
         train_idx = np.array([pos[s] for s in splits["train"]])
         val_idx = np.array([pos[s] for s in splits["val"]])
-        torch.manual_seed(cfg.seed)
-        model = build_segmenter(w.arch, w.encoder).to(device)
+        model = model.to(device)
         run.update_meta(parameters={"model": count_parameters(model)}, data=str(data.root))
         task = WeakTask(model, data, train_idx, val_idx, w.batch_size, device, run, w.epochs_at)
         opt = torch.optim.Adam(model.parameters(), lr=w.lr)
         epochs = max(w.epochs_at)
         settings = FitSettings(epochs=epochs, patience=epochs + 1, seed=cfg.seed, grad_clip=0.0,
-                               precision=cfg.train.precision)
+                               precision=cfg.train.precision, lr_key="weak.lr")
         with (reporter or Reporter(enabled=False)) as rep:
             Engine(run, task, opt, None, settings, device, rep).fit(resume=resuming)
         table = weak_table(run, data.stems, splits)
@@ -117,6 +119,13 @@ def run_train_weak(loaded, out: Path | str | None = None, resume: bool = False,
         run.write_summary(summary)
         run.set_status("completed")
     return run, summary
+
+
+def _build_model(cfg) -> torch.nn.Module:
+    """The weak U-Net, seeded by ``cfg.seed`` (its initial weights do not depend on anything else)."""
+    check_image_size(cfg.weak.arch, cfg.data.image_size, "data.image_size")
+    torch.manual_seed(cfg.seed)
+    return build_segmenter(cfg.weak.arch, cfg.weak.encoder)
 
 
 def weak_table(run: Run, stems: list[str], splits: dict[str, list[str]]) -> pd.DataFrame:

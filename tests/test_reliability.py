@@ -1,0 +1,535 @@
+"""Reliability: resume after SIGKILL / SIGINT / SIGTERM, run status, bad input, safe checkpoints,
+determinism. See docs/reliability.md for the guarantees these tests stand behind.
+
+Runs are tiny (32 px, 3-4 epochs, small timm backbones) and on the CPU. Subprocesses run
+``python -m qgseg`` exactly as a user would; the runs they leave are compared with uninterrupted
+runs of the same seed made in this process.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from qgseg import engine as E
+from qgseg.cli import app
+from qgseg.config import dumps_toml, load_config
+from qgseg.errors import InputError, TrainingDiverged
+from qgseg.runs import Run, create_run, start_run
+
+REPO = Path(__file__).resolve().parents[1]
+# summary keys that legitimately differ between two runs of the same seed
+VOLATILE = {"run", "train_seconds"}
+
+QUALITY = ["data.image_size=32", "corrupt.k=3", "corrupt.eval_k=2", "corrupt.p_weak=0", "quality.epochs=4",
+           "quality.batch_size=8", "quality.patience=10", "quality.backbone=test_resnet", "seed=7", "device=cpu"]
+WEAK = ["data.image_size=32", "weak.encoder=tu-test_resnet", "weak.epochs_at=[1, 2, 3]", "weak.batch_size=4",
+        "seed=7", "device=cpu"]
+SSL = ["data.image_size=32", "model.arch=unet", "model.encoder=tu-test_resnet", "train.epochs=3",
+       "train.steps_per_epoch=2", "train.batch_size=4", "train.batch_size_unlabeled=4", "train.patience=10",
+       "ssl.warmup=0", "ssl.rampup=1", "seed=7", "device=cpu"]
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+def sets(items) -> list[str]:
+    return [a for s in items for a in ("--set", s)]
+
+
+def common(root: Path) -> list[str]:
+    """Where runs and the data cache go (also for runs made in this process)."""
+    return sets([f"runs_root={root / 'runs'}", f"data.cache_dir={root / 'cache'}"])
+
+
+def quality_args(data: Path, root: Path) -> list[str]:
+    return ["train-quality", "--labeled", str(data / "labeled"), *sets(QUALITY), *common(root)]
+
+
+def weak_args(data: Path, root: Path) -> list[str]:
+    return ["train-weak", "--labeled", str(data / "labeled"), *sets(WEAK), *common(root)]
+
+
+def ssl_args(data: Path, root: Path, quality: Path) -> list[str]:
+    return ["ssl", "--method", "mt", "--qw", "--quality", str(quality), "--labeled", str(data / "labeled"),
+            "--unlabeled", str(data / "unlabeled"), *sets(SSL), *common(root)]
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ok(res) -> dict:
+    assert res.exit_code == 0, res.stderr
+    return json.loads(res.stdout)
+
+
+def metrics(run: Path) -> list[dict[str, str]]:
+    """metrics.csv rows without the wall-clock column."""
+    with open(run / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(f)]
+
+
+def stable(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k not in VOLATILE}
+
+
+def env(root: Path) -> dict[str, str]:
+    return dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", OMP_WAIT_POLICY="PASSIVE",
+                QGSEG_CACHE=str(root / "cache"),
+                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
+
+
+def spawn(args: list[str], root: Path) -> subprocess.Popen:
+    """``python -m qgseg ARGS`` in ``root``; SIGINT acts as Ctrl-C even if this process ignores it."""
+    with open(root / "stdout.txt", "wb") as out, open(root / "stderr.txt", "wb") as err:
+        return subprocess.Popen([sys.executable, "-m", "qgseg", *map(str, args)], cwd=root, env=env(root),
+                                stdout=out, stderr=err,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def stderr_of(root: Path) -> str:
+    return (root / "stderr.txt").read_text(errors="replace")
+
+
+class Interrupted:
+    """A ``python -m qgseg`` subprocess that a watcher thread signals as soon as its run has a
+    metrics.csv row (mid-training). Started early, so its start-up (imports) overlaps other tests."""
+
+    def __init__(self, args: list[str], root: Path, pattern: str, sig: int, timeout: float = 300):
+        root.mkdir(parents=True, exist_ok=True)
+        self.root, self.pattern, self.sig = root, pattern, sig
+        self.run: Path | None = None
+        self.proc = spawn(args, root)
+        self._thread = threading.Thread(target=self._watch, args=(timeout,), daemon=True)
+        self._thread.start()
+
+    def _watch(self, timeout: float) -> None:
+        end = time.time() + timeout
+        while time.time() < end and self.proc.poll() is None:
+            for m in self.root.glob(self.pattern + "/metrics.csv"):
+                try:
+                    rows = len(m.read_text().strip().splitlines()) - 1
+                except OSError:
+                    continue
+                if rows >= 1:
+                    self.run = m.parent
+                    self.proc.send_signal(self.sig)
+                    return
+            time.sleep(0.01)
+        self.proc.kill()
+
+    def result(self, timeout: float = 300) -> tuple[Path, int]:
+        """(run directory, exit status) once the process is gone."""
+        self._thread.join(timeout)
+        rc = self.proc.wait(timeout)
+        if self.run is None:
+            pytest.fail(f"qgseg exited ({rc}) before a metrics.csv row: {stderr_of(self.root)[-2000:]}")
+        return self.run, rc
+
+
+def one_error_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("qgseg: error:")]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# runs shared by several tests (module scope)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def background(request, synth_data, tmp_path_factory) -> dict[str, Interrupted]:
+    """Runs interrupted by a real signal, started before any other test of this module so that
+    their start-up overlaps the reference runs: train-quality killed with SIGKILL (its run folder
+    named by the CLI itself) and train-weak stopped with SIGINT (Ctrl-C). Only those the selected
+    tests use are started."""
+    selected = " ".join(item.name for item in request.session.items)
+    procs: dict[str, Interrupted] = {}
+    if "test_sigkill" in selected:
+        root = tmp_path_factory.mktemp("sigkill")
+        procs["sigkill"] = Interrupted(quality_args(synth_data, root), root, "runs/train-quality/*", signal.SIGKILL)
+    if "test_sigint" in selected:
+        root = tmp_path_factory.mktemp("sigint")
+        procs["sigint"] = Interrupted([*weak_args(synth_data, root), "--out", root / "weak"], root, "weak",
+                                      signal.SIGINT)
+    yield procs
+    for p in procs.values():
+        if p.proc.poll() is None:
+            p.proc.kill()
+            p.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def quality_ref(synth_data, tmp_path_factory) -> Path:
+    """An uninterrupted train-quality run (also the g of the ssl runs)."""
+    root = tmp_path_factory.mktemp("quality-ref")
+    ok(cli(*quality_args(synth_data, root), "--out", root / "ref", "--json"))
+    return root / "ref"
+
+
+@pytest.fixture(scope="module")
+def ssl_ref(synth_data, quality_ref, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ssl-ref")
+    ok(cli(*ssl_args(synth_data, root, quality_ref), "--out", root / "ref", "--json"))
+    return root / "ref"
+
+
+@pytest.fixture(scope="module")
+def sigterm_ssl(synth_data, quality_ref, tmp_path_factory) -> Interrupted:
+    """An ssl mt --qw run stopped with SIGTERM (requested before ``ssl_ref`` so that they overlap)."""
+    root = tmp_path_factory.mktemp("sigterm")
+    return Interrupted([*ssl_args(synth_data, root, quality_ref), "--out", root / "ssl"], root, "ssl",
+                       signal.SIGTERM)
+
+
+def assert_same_run(run: Path, ref: Path) -> None:
+    assert stable(json.loads((run / "summary.json").read_text())) == stable(
+        json.loads((ref / "summary.json").read_text()))
+    assert metrics(run) == metrics(ref)
+    assert Run(run).status == "completed"
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. determinism
+# ---------------------------------------------------------------------------------------------
+def test_train_quality_same_seed_same_metrics(synth_data, quality_ref, tmp_path):
+    ok(cli(*quality_args(synth_data, tmp_path), "--out", tmp_path / "again", "--json"))
+    assert_same_run(tmp_path / "again", quality_ref)
+    assert len(metrics(quality_ref)) == 4
+    # and another seed does give other numbers (the comparison can fail)
+    ok(cli(*quality_args(synth_data, tmp_path), "--set", "seed=8", "--set", "quality.epochs=1",
+           "--out", tmp_path / "seed8", "--json"))
+    assert metrics(tmp_path / "seed8")[0] != metrics(quality_ref)[0]
+
+
+def test_ssl_mt_qw_same_seed_same_metrics(sigterm_ssl, synth_data, quality_ref, ssl_ref, tmp_path):
+    ok(cli(*ssl_args(synth_data, tmp_path, quality_ref), "--out", tmp_path / "again", "--json"))
+    assert_same_run(tmp_path / "again", ssl_ref)
+    summary = json.loads((ssl_ref / "summary.json").read_text())
+    assert summary["method"] == "mt" and summary["qw"] is True and summary["epochs_run"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. + 2. kill, interrupt, resume
+# ---------------------------------------------------------------------------------------------
+def test_sigkill_mid_training_then_plain_resume_matches_uninterrupted(background, quality_ref):
+    run, rc = background["sigkill"].result()
+    root = background["sigkill"].root
+    assert rc == -signal.SIGKILL
+    killed_rows = len(metrics(run))
+    assert 1 <= killed_rows < 4, "the run finished before it was killed"
+    assert Run(run).status == "running"  # nobody could mark it
+    last = E.load_checkpoint(run / "checkpoints" / "last.pt")
+    assert last["epoch"] >= killed_rows and len(last["history"]) == last["epoch"]
+
+    # plain --resume finds the newest unfinished train-quality run by itself
+    summary = ok(cli("train-quality", "--resume", "--json", *common(root)))
+    assert Path(summary["run"]) == run
+    assert_same_run(run, quality_ref)
+    assert Run(run).meta["resumed"] == 1 and Run(run).meta["reason"] == ""
+    assert not list(run.rglob(".*.tmp"))
+
+
+def test_sigint_exits_130_and_resume_matches_uninterrupted(background, synth_data, tmp_path):
+    run, rc = background["sigint"].result()
+    err = stderr_of(background["sigint"].root)
+    assert rc == 130, err
+    assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+    meta = Run(run).meta
+    assert meta["status"] == "interrupted" and "interrupted" in meta["reason"]
+    last = E.load_checkpoint(run / "checkpoints" / "last.pt")  # the resumable checkpoint
+    assert 1 <= last["epoch"] < 3 and len(metrics(run)) == last["epoch"]
+
+    # a row beyond the checkpoint (an epoch cut short after its row was written) is dropped
+    with open(run / "metrics.csv", "a") as f:
+        f.write("99,0.5,0.5,0.001,1.0\n")
+    ok(cli("train-weak", "--resume", "--out", run, "--json"))
+    ref = tmp_path / "ref"
+    ok(cli(*weak_args(synth_data, tmp_path), "--out", ref, "--json"))
+    assert_same_run(run, ref)
+    assert (run / "checkpoints.csv").read_text() == (ref / "checkpoints.csv").read_text()
+
+
+def test_sigterm_exits_130_and_ssl_resume_restores_everything(sigterm_ssl, ssl_ref):
+    run, rc = sigterm_ssl.result()
+    assert rc == 130, stderr_of(sigterm_ssl.root)
+    assert "Traceback" not in stderr_of(sigterm_ssl.root)
+    assert Run(run).status == "interrupted"
+    last = E.load_checkpoint(run / "checkpoints" / "last.pt")
+    assert {"model", "teacher"} <= set(last["modules"]) and last["optimizer"]["state"]
+    assert last["scheduler"]["last_epoch"] == last["epoch"]
+    assert last["task"]["ema_updates"]["teacher"] == 2 * last["epoch"]  # steps_per_epoch = 2
+
+    summary = ok(cli("ssl", "--resume", "--out", run, "--json"))
+    assert summary["method"] == "mt" and summary["qw"] is True
+    assert_same_run(run, ssl_ref)
+    # the teacher (not only the student) ends where the uninterrupted run's did
+    a = E.load_checkpoint(run / "checkpoints" / "last.pt")["modules"]["teacher"]
+    b = E.load_checkpoint(ssl_ref / "checkpoints" / "last.pt")["modules"]["teacher"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. run status: guard, meta.json
+# ---------------------------------------------------------------------------------------------
+def _run(tmp_path: Path) -> Run:
+    return create_run(tmp_path / "r", "ssl", dumps_toml(load_config(cwd=tmp_path).config))
+
+
+@pytest.mark.parametrize("exc", [SystemExit(0), SystemExit(None), typer.Exit(0)])
+def test_guard_leaves_status_alone_on_exit_0(tmp_path, exc):
+    run = _run(tmp_path)
+    with pytest.raises(type(exc)):
+        with run.guard():
+            raise exc
+    assert run.status == "running" and run.meta["reason"] == ""
+
+
+@pytest.mark.parametrize("exc, status, reason", [
+    (SystemExit(2), "failed", "exit 2"), (typer.Exit(1), "failed", "exit 1"),
+    (typer.Exit(130), "interrupted", "exit 130"), (InputError("--labeled x: no such\nfolder"), "failed",
+                                                   "InputError: --labeled x: no such folder")])
+def test_guard_marks_nonzero_exits_and_errors(tmp_path, exc, status, reason):
+    run = _run(tmp_path)
+    with pytest.raises(type(exc)):
+        with run.guard():
+            raise exc
+    assert run.status == status and reason in run.meta["reason"] and run.meta["finished"]
+
+
+def test_damaged_meta_is_never_overwritten(tmp_path):
+    run = _run(tmp_path)
+    (run.path / "meta.json").write_text('{"stage": "ssl", "status": "runn')  # cut short
+    damaged = (run.path / "meta.json").read_text()
+    with pytest.raises(InputError, match="meta.json: unreadable"):
+        run.update_meta(epoch=3)
+    with pytest.raises(ValueError, match="original"):  # the error being handled is not hidden
+        with run.guard():
+            raise ValueError("original")
+    assert (run.path / "meta.json").read_text() == damaged
+    loaded = load_config(sets=[f"runs_root={tmp_path}"], cwd=tmp_path)
+    with pytest.raises(InputError, match="meta.json: unreadable"):
+        start_run("ssl", loaded, run.path, resume=True)
+
+
+def test_resume_skips_a_run_whose_process_is_alive(tmp_path):
+    loaded = load_config(sets=[f"runs_root={tmp_path}"], cwd=tmp_path)
+    old, _, _ = start_run("ssl", loaded, tmp_path / "ssl" / "old")
+    old.set_status("interrupted")
+    busy, _, _ = start_run("ssl", loaded, tmp_path / "ssl" / "busy")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        from qgseg.runs import _process_start
+
+        busy.update_meta(pid=sleeper.pid, pid_start=_process_start(sleeper.pid))
+        run, _, _ = start_run("ssl", loaded, None, resume=True)  # newest unfinished, not the live one
+        assert run.path == old.path
+        with pytest.raises(InputError, match=r"still in progress \(process"):
+            start_run("ssl", loaded, busy.path, resume=True)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    run, _, _ = start_run("ssl", loaded, busy.path, resume=True)  # its process is gone: resumable
+    assert run.path == busy.path and run.meta["pid"] == os.getpid()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. bad input: one line naming what was wrong, exit 2 (1 for a runtime failure), no traceback
+# ---------------------------------------------------------------------------------------------
+def _quality_run(root: Path, size: int = 32, status: str = "completed", backbone: str = "test_resnet",
+                 spec_backbone: str = "test_resnet") -> Path:
+    from qgseg.models import build_quality_net
+
+    cfg = load_config(sets=[f"data.image_size={size}"], cwd=root).config
+    run = create_run(root / f"q-{size}-{status}-{backbone}-{spec_backbone}", "train-quality", dumps_toml(cfg))
+    net = build_quality_net(backbone)
+    E.save_checkpoint(run.checkpoints / "best.pt", {"modules": {"g": net.state_dict()},
+                                                    "specs": {"g": {"backbone": spec_backbone}}})
+    run.write_summary({})
+    if status != "running":
+        run.set_status(status)
+    return run.path
+
+
+@pytest.mark.parametrize("args, names", [
+    (["ssl", "--method", "nope"], "ssl.method"),
+    (["ssl", "--arch", "nope"], "model.arch"),
+    (["ssl", "--arch", "unet", "--encoder", "nope"], "model.encoder"),
+    (["ssl", "--arch", "pan", "--image-size", "64"], "data.image_size"),
+    (["ssl", "--image-size", "48"], "data.image_size"),
+    (["ssl", "--method", "sup", "--qw"], "--qw"),
+    (["train-weak", "--set", "weak.arch=pan", "--image-size", "64"], "data.image_size"),
+    (["train-quality", "--backbone", "nope"], "quality.backbone"),
+    (["train-quality", "--weak", "{root}/nope"], "--weak"),
+    (["ssl", "--method", "mt", "--qw", "--quality", "{root}/nope"], "--quality"),
+    (["ssl", "--method", "mt", "--qw", "--quality", "{running}"], "run is running"),
+    (["ssl", "--method", "pl", "--qw", "--quality", "{size64}"], "64 px"),
+])
+def test_bad_usage_exits_2_with_one_line_and_no_run_directory(synth_data, tmp_path, args, names):
+    fill = {"root": tmp_path, "running": _quality_run(tmp_path, status="running") if "{running}" in args else "",
+            "size64": _quality_run(tmp_path, 64) if "{size64}" in args else ""}
+    args = [a.format(**fill) for a in args]
+    data = ["--labeled", synth_data / "labeled"] + (["--unlabeled", synth_data / "unlabeled"] if args[0] == "ssl" else [])
+    res = cli(*args, *data, *common(tmp_path))
+    assert res.exit_code == 2, res.stderr
+    assert names in one_error_line(res.stderr)
+    assert not (tmp_path / "runs").exists()  # refused before a run directory was made
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    res = cli("ssl", "--arch", "nope", "--debug", *common(tmp_path))
+    assert res.exit_code == 2 and "Traceback" in res.stderr and "model.arch" in res.stderr
+
+
+def test_quality_checkpoint_of_another_architecture(synth_data, tmp_path):
+    """best.pt whose weights are not those of the architecture its spec names: exit 2, run failed."""
+    q = _quality_run(tmp_path, backbone="test_efficientnet", spec_backbone="test_resnet")
+    res = cli(*ssl_args(synth_data, tmp_path, q), "--out", tmp_path / "s")
+    assert res.exit_code == 2
+    line = one_error_line(res.stderr)
+    assert str(q) in line and "do not fit" in line
+    meta = Run(tmp_path / "s").meta
+    assert meta["status"] == "failed" and "do not fit" in meta["reason"]
+
+
+def test_resume_with_a_checkpoint_of_another_architecture(synth_data, quality_ref, tmp_path):
+    """A run whose last.pt holds another g than its config builds: refused, not half-loaded."""
+    import shutil
+
+    run = tmp_path / "q"
+    shutil.copytree(quality_ref, run)
+    Run(run).set_status("interrupted")
+    text = (run / "config.toml").read_text()
+    assert 'backbone = "test_resnet"' in text
+    (run / "config.toml").write_text(text.replace('backbone = "test_resnet"', 'backbone = "test_efficientnet"'))
+    res = cli("train-quality", "--resume", "--out", run)
+    assert res.exit_code == 2
+    line = one_error_line(res.stderr)
+    assert "last.pt" in line and "'g'" in line and "do not fit" in line
+    assert Run(run).status == "failed"
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(synth_data, tmp_path):
+    res = cli(*quality_args(synth_data, tmp_path), "--set", "quality.lr=1e30", "--out", tmp_path / "q")
+    assert res.exit_code == 1, res.stderr
+    line = one_error_line(res.stderr)
+    assert "non-finite" in line or "loss became nan" in line, line
+    assert "quality.lr" in line and "last.pt" in line
+    run = Run(tmp_path / "q")
+    assert run.status == "failed" and "TrainingDiverged" in run.meta["reason"]
+    last = E.load_checkpoint(run.checkpoints / "last.pt")
+    assert all(torch.isfinite(t).all() for t in last["modules"]["g"].values() if t.is_floating_point())
+    assert len(last["history"]) == last["epoch"]
+    assert not (run.path / "summary.json").exists()
+
+
+class _Lin(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(2, 1)
+
+
+class _PoisonTask:
+    """Two steps per epoch; step 2 (the epoch's last) leaves inf weights behind a finite loss."""
+
+    monitor, mode, best_modules = "val", "min", ("m",)
+
+    def __init__(self):
+        self.m = _Lin()
+        self.modules = {"m": self.m}
+
+    def steps_per_epoch(self):
+        return 2
+
+    def batches(self, epoch, generator):
+        for _ in range(2):
+            yield torch.randn(4, 2, generator=generator)
+
+    def loss(self, batch, epoch, step):
+        loss = self.m.lin(batch).pow(2).mean()
+        return loss, {"loss": float(loss.detach())}
+
+    def after_step(self, step):
+        if step == 4:  # epoch 2, last step
+            with torch.no_grad():
+                self.m.lin.weight.fill_(float("inf"))
+
+    def evaluate(self, epoch):
+        return {"val": 1.0 / epoch}
+
+
+def test_engine_never_checkpoints_non_finite_weights(tmp_path):
+    run = _run(tmp_path)
+    task = _PoisonTask()
+    opt = torch.optim.SGD(task.m.parameters(), lr=0.01)
+    engine = E.Engine(run, task, opt, None, E.FitSettings(epochs=3, patience=5, seed=0), torch.device("cpu"))
+    with pytest.raises(TrainingDiverged, match=r"epoch 2 \(m.lin.weight\).*last.pt \(epoch 1\)"):
+        engine.fit()
+    last = E.load_checkpoint(run.checkpoints / "last.pt")
+    assert last["epoch"] == 1 and torch.isfinite(last["modules"]["m"]["lin.weight"]).all()
+    assert len(metrics(run.path)) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. safe checkpoints
+# ---------------------------------------------------------------------------------------------
+class _Payload:
+    """Unpickling this runs a shell command: what a malicious checkpoint would carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _crafted(path: Path, marker: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": 1, "epoch": 1, "modules": {"g": {"w": torch.zeros(1)}}, "evil": _Payload(marker)}, path)
+    return path
+
+
+def test_crafted_checkpoint_is_refused_by_load_checkpoint(tmp_path):
+    ck = _crafted(tmp_path / "evil.pt", tmp_path / "pwned")
+    with pytest.raises(InputError, match="weights_only=True"):
+        E.load_checkpoint(ck)
+    assert not (tmp_path / "pwned").exists()
+    # the file is really malicious: an unsafe load runs it (the control that makes this test meaningful)
+    control = _crafted(tmp_path / "control.pt", tmp_path / "control-ran")
+    torch.load(control, weights_only=False)
+    assert (tmp_path / "control-ran").exists()
+
+
+def test_crafted_best_pt_via_ssl_quality_is_refused(synth_data, tmp_path):
+    q = _quality_run(tmp_path)
+    _crafted(q / "checkpoints" / "best.pt", tmp_path / "pwned")
+    res = cli(*ssl_args(synth_data, tmp_path, q), "--out", tmp_path / "s")
+    assert res.exit_code == 2
+    assert "weights_only" in one_error_line(res.stderr)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_crafted_last_pt_via_resume_is_refused(synth_data, quality_ref, tmp_path):
+    import shutil
+
+    run = tmp_path / "q"
+    shutil.copytree(quality_ref, run)
+    Run(run).set_status("interrupted")
+    _crafted(run / "checkpoints" / "last.pt", tmp_path / "pwned")
+    res = cli("train-quality", "--resume", "--out", run)
+    assert res.exit_code == 2
+    assert "last.pt" in one_error_line(res.stderr)
+    assert not (tmp_path / "pwned").exists()
+    assert Run(run).status == "failed"
