@@ -38,7 +38,7 @@ app = typer.Typer(
 # shared options
 # ---------------------------------------------------------------------------------------------
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML run file (default: ./qgseg.toml if present).", rich_help_panel="Configuration")]
-PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Built-in preset: paper (GPU, paper-faithful) or cpu (small, fast).", rich_help_panel="Configuration")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Built-in preset: paper (GPU, paper-faithful), cpu (small, fast) or demo (qgseg demo's minutes-long settings).", rich_help_panel="Configuration")]
 SetOpt = Annotated[Optional[List[str]], typer.Option("--set", help="Override any key: --set train.epochs=5 (repeatable).", rich_help_panel="Configuration")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default: runs/<command>/<timestamp>).", rich_help_panel="Output")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.", rich_help_panel="Configuration")]
@@ -417,8 +417,13 @@ def ablate(
     ctx = _setup(preset, config, sets, {"data.labeled": labeled, "data.unlabeled": unlabeled,
                                         "data.image_size": image_size, "seed": seed, "device": device},
                  json_out, quiet, debug)
-    res = run_ablate(ctx.loaded, name, values=values, seeds=seeds, jobs=jobs, out=out, quality=quality,
-                     print_commands=print_commands, reporter=Reporter(quiet=quiet))
+    try:
+        res = run_ablate(ctx.loaded, name, values=values, seeds=seeds, jobs=jobs, out=out, quality=quality,
+                         print_commands=print_commands, reporter=Reporter(quiet=quiet))
+    except KeyboardInterrupt:
+        print("qgseg: interrupted; the running points stopped resumably: rerun the same command to continue",
+              file=sys.stderr)
+        raise typer.Exit(130)
     if print_commands:
         if json_out:
             from qgseg.report import print_json
@@ -446,7 +451,8 @@ def demo(
     n_labeled: Annotated[int, typer.Option("--n-labeled", min=10, help="Synthetic labeled images.")] = 60,
     n_unlabeled: Annotated[int, typer.Option("--n-unlabeled", min=2, help="Synthetic unlabeled images.")] = 80,
     preset: Annotated[str, typer.Option("--preset", help="Built-in preset the demo starts from.", rich_help_panel="Configuration")] = "demo",
-    config: ConfigOpt = None, sets: SetOpt = None, seed: SeedOpt = None, device: DeviceOpt = None,
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML run file over the preset (./qgseg.toml is not read by the demo).", rich_help_panel="Configuration")] = None,
+    sets: SetOpt = None, seed: SeedOpt = None, device: DeviceOpt = None,
     json_out: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
     """The whole pipeline on synthetic data: train-weak, train-quality, six ssl runs, a Table-1 comparison."""
@@ -471,9 +477,10 @@ def main() -> None:
     try:
         app()
     finally:
-        from qgseg.distributed import cleanup
+        if "qgseg.distributed" in sys.modules:  # only a stage that set it up has a process group; no torch import otherwise
+            from qgseg.distributed import cleanup
 
-        cleanup()
+            cleanup()
 
 
 if __name__ == "__main__":  # pragma: no cover

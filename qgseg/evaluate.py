@@ -1,6 +1,7 @@
 """Segmentation evaluation shared by ssl, train-weak and ``qgseg evaluate``."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -8,6 +9,7 @@ import pandas as pd
 import torch
 
 from qgseg.data import LabeledData, to_float_images, to_float_masks
+from qgseg.errors import InputError
 from qgseg.metrics import dice_per_sample, hd95_per_sample, iou_per_sample, mean_se
 
 
@@ -51,7 +53,12 @@ def evaluate_predictions(data: LabeledData, probs: np.ndarray, quality: Any = No
 
 
 def summarise(df: pd.DataFrame, prefix: str = "test") -> dict[str, float]:
-    """Mean and standard error over cases of each metric column, plus g's correlation with DSC."""
+    """Mean and standard error over cases of each metric column, plus g's correlation with DSC.
+
+    Keys are ``<prefix>_dsc``, ``<prefix>_dsc_se``, ...; ``prefix=""`` gives ``dsc``, ``dsc_se``, ...
+    """
+    if not prefix:
+        return {k.split("_", 1)[1]: v for k, v in summarise(df, "x").items()}
     out: dict[str, float] = {f"{prefix}_cases": int(len(df))}
     for col in ("dsc", "iou", "hd95", "pred_quality"):
         if col in df:
@@ -68,3 +75,264 @@ def summarise(df: pd.DataFrame, prefix: str = "test") -> dict[str, float]:
         else:
             out[f"{prefix}_quality_pearson"], out[f"{prefix}_quality_pearson_p"] = float("nan"), float("nan")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# `qgseg evaluate RUN`: a stored run on a split of its own data or on another labeled data set
+# ---------------------------------------------------------------------------------------------
+EVAL_STAGES = ("ssl", "train-weak", "train-quality")
+SPLITS = ("train", "val", "test")
+_GENERIC_DIR_NAMES = {"labeled", "images", "data", "train", "test", "val"}
+# D_Q seed salt of a whole foreign data set (phase1.SPLIT_SALT holds 0, 1, 2 for the splits)
+_FOREIGN_SALT = 3
+
+
+def dataset_name(folder: str | Path) -> str:
+    """Folder name used for ``RUN/eval/<name>``: ``data/ham/labeled`` -> ``ham-labeled``."""
+    p = Path(folder).resolve()
+    name = p.name if p.name.lower() not in _GENERIC_DIR_NAMES or not p.parent.name else f"{p.parent.name}-{p.name}"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name) or "data"
+
+
+def _eval_data(run_path: Path, rcfg: Any, data_dir: str | Path | None, split: str,
+               cache_dir: str) -> tuple[LabeledData, np.ndarray, str]:
+    """(labeled data, rows of the evaluated cases, output name)."""
+    from qgseg import data as D
+    from qgseg.runs import read_json
+
+    size = rcfg.data.image_size
+    if data_dir:
+        data = D.load_labeled(data_dir, size, cache_dir, option="--data")
+        return data, np.arange(len(data)), dataset_name(data_dir)
+    if split not in SPLITS:
+        raise InputError(f"--split {split}: expected one of {', '.join(SPLITS)}")
+    if not rcfg.data.labeled:
+        raise InputError(f"{run_path / 'config.toml'}: data.labeled is empty; pass --data DIR")
+    data = D.load_labeled(rcfg.data.labeled, size, cache_dir, option=f"{run_path / 'config.toml'} data.labeled")
+    path = run_path / "splits.json"
+    splits = read_json(path) if path.is_file() else D.make_splits(data.stems, rcfg.data.split_seed, data.root)
+    stems = splits.get(split) or []
+    if not stems:
+        raise InputError(f"--split {split}: the run has no {split} cases")
+    pos = {s: i for i, s in enumerate(data.stems)}
+    missing = [s for s in stems if s not in pos]
+    if missing:
+        raise InputError(f"{rcfg.data.labeled}: case {missing[0]} of the run's {split} split is gone "
+                         f"({len(missing)} missing); the data changed since the run")
+    return data, np.array([pos[s] for s in stems], dtype=np.int64), split
+
+
+def _quality_roots(cfg_root: str, run_path: Path) -> list[Path]:
+    roots = [Path(cfg_root)]
+    # a run made with another runs root (e.g. `qgseg demo --out DIR`) sits in <root>/<stage>/<name>
+    roots.append(run_path.resolve().parent.parent)
+    out: list[Path] = []
+    for r in roots:
+        if r.resolve() not in [o.resolve() for o in out]:
+            out.append(r)
+    return out
+
+
+def find_quality_run(roots: list[Path], image_size: int) -> Any:
+    """The newest completed train-quality run of ``image_size`` px under any of ``roots``, or None."""
+    from qgseg.config import load_run_config
+    from qgseg.runs import find_runs
+
+    found = []
+    for root in roots:
+        for r in find_runs(root, "train-quality"):
+            try:
+                if load_run_config(r.path).data.image_size == image_size:
+                    found.append((r.meta.get("created", ""), r))
+            except (InputError, OSError):
+                continue
+    return max(found, key=lambda t: t[0])[1] if found else None
+
+
+def load_eval_quality(quality: str | None, roots: list[Path], image_size: int,
+                      device: torch.device) -> tuple[Any, str, str]:
+    """(g or None, its run, a note when there is none) for the predicted-quality column."""
+    from qgseg.quality import QualityPredictor
+    from qgseg.runs import resolve_link
+
+    if quality:
+        run = resolve_link(quality, roots[0], "train-quality", "--quality")
+        return QualityPredictor.from_run(run, image_size).to(device), str(run.path), ""
+    run = find_quality_run(roots, image_size)
+    if run is None:
+        where = " or ".join(str(r / "train-quality") for r in roots)
+        return None, "", (f"no completed train-quality run at {image_size} px under {where}: predicted-quality "
+                          "column skipped (pass --quality RUN)")
+    return QualityPredictor.from_run(run, image_size).to(device), str(run.path), ""
+
+
+def segmentation_checkpoint(run_path: Path, stage: str, checkpoint: str) -> Path:
+    """best.pt / last.pt of an ssl run; the last stored weak_eNNN.pt of a train-weak run."""
+    ck_dir = run_path / "checkpoints"
+    if stage == "train-weak":
+        weak = sorted(ck_dir.glob("weak_e*.pt"))
+        if not weak:
+            raise InputError(f"RUN {run_path}: no weak checkpoints (checkpoints/weak_eNNN.pt) yet")
+        return weak[-1]
+    path = ck_dir / f"{checkpoint}.pt"
+    if not path.is_file():
+        raise InputError(f"--checkpoint {checkpoint}: {path} does not exist")
+    return path
+
+
+def _clean(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
+
+
+def run_evaluate(loaded: Any, run_dir: str | Path, data_dir: str | Path | None = None, split: str = "test",
+                 checkpoint: str = "best", quality: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """Evaluate a stored run into ``RUN/eval/<split or data set name>/`` (the run itself is not changed).
+
+    ssl / train-weak runs: per-case DSC, IoU, HD95 and predicted quality g(x, prediction)
+    (``cases.csv``), mean +- s.e., g's correlation with the true DSC, a scatter plot and an overlay
+    montage of the best and worst cases. train-quality runs: g's metrics and grounding checks on
+    corrupted masks of the cases (``masks.csv``) and scatter plots. ``data_dir`` evaluates on all
+    cases of another labeled data set.
+    """
+    import logging
+
+    from qgseg.config import load_run_config
+    from qgseg.engine import resolve_device
+    from qgseg.runs import Run, write_json
+
+    log = logging.getLogger("qgseg")
+    run_path = Path(run_dir)
+    run = Run(run_path)
+    if not run.meta_path.is_file():
+        raise InputError(f"RUN {run_dir}: not a qgseg run directory (no meta.json)")
+    stage = run.stage
+    if stage not in EVAL_STAGES:
+        raise InputError(f"RUN {run_dir}: is a {stage or 'unknown'} run; evaluate takes ssl, train-weak and "
+                         "train-quality runs")
+    if checkpoint not in ("best", "last"):
+        raise InputError(f"--checkpoint {checkpoint}: expected best or last")
+    if not data_dir and split not in SPLITS:
+        raise InputError(f"--split {split}: expected one of {', '.join(SPLITS)}")
+    if run.status != "completed":
+        log.warning("%s is %s, not completed: evaluating its %s checkpoint", run_path, run.status or "unfinished",
+                    checkpoint)
+    rcfg = load_run_config(run_path)
+    device = resolve_device(loaded.config.device)
+    data, rows, name = _eval_data(run_path, rcfg, data_dir, split, loaded.config.data.cache_dir)
+    out_dir = run_path / "eval" / name
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base: dict[str, Any] = {"run": str(run_path), "stage": stage, "dataset": name, "data": str(data.root),
+                            "split": None if data_dir else split, "image_size": rcfg.data.image_size,
+                            "out": str(out_dir)}
+    if stage == "train-quality":
+        summary = _evaluate_quality(run, rcfg, data, rows, bool(data_dir), split, checkpoint, device, out_dir)
+    else:
+        roots = _quality_roots(loaded.config.runs_root, run_path)
+        summary = _evaluate_segmentation(run, stage, data, rows, checkpoint, quality, roots, device, out_dir)
+    summary = _clean({**base, **summary})
+    write_json(out_dir / "summary.json", summary)
+    return out_dir, summary
+
+
+def _evaluate_segmentation(run: Any, stage: str, data: LabeledData, rows: np.ndarray, checkpoint: str,
+                           quality: str | None, roots: list[Path], device: torch.device,
+                           out_dir: Path) -> dict[str, Any]:
+    from qgseg import plots
+    from qgseg.engine import load_checkpoint, load_modules
+    from qgseg.metrics import regression_metrics
+    from qgseg.models import build_segmenter
+
+    ck_path = segmentation_checkpoint(run.path, stage, checkpoint)
+    ck = load_checkpoint(ck_path, "checkpoint")
+    spec = (ck.get("specs") or {}).get("model")
+    if not spec or "model" not in (ck.get("modules") or {}):
+        raise InputError(f"{ck_path}: holds no segmentation model 'model'")
+    model = build_segmenter(spec["arch"], spec.get("encoder", ""))
+    load_modules({"model": model}, ck["modules"], str(ck_path))
+    model.to(device)
+    g, g_run, note = load_eval_quality(quality, roots, data.image_size, device)
+    sub = data.subset([data.stems[i] for i in rows])
+    probs = predict_probs(model, sub.images, device)
+    df = evaluate_predictions(sub, probs, quality=g, device=device, with_hd95=True)
+    df.to_csv(out_dir / "cases.csv", index=False)
+    summary: dict[str, Any] = {"checkpoint": ck_path.name, "epoch": ck.get("epoch"), "arch": spec["arch"],
+                               "encoder": spec.get("encoder", ""), "quality_run": g_run}
+    if note:
+        summary["note"] = note
+    summary.update(summarise(df, ""))
+    summary["hd95_undefined"] = int(df["hd95"].isna().sum())
+    pred_bin = (probs > 0.5).astype(np.uint8)
+    if g is not None:
+        r = regression_metrics(df["pred_quality"].to_numpy(float), df["dsc"].to_numpy(float))
+        summary.update({"quality_spearman": r["spearman"], "quality_spearman_p": r["spearman_p"],
+                        "quality_mae": r["mae"]})
+        plots.quality_dice_scatter(df["dsc"].to_numpy(float), df["pred_quality"].to_numpy(float),
+                                   out_dir / "plots" / "scatter.png",
+                                   title=f"{run.path.name} on {out_dir.name}: predicted quality vs DSC")
+    order = np.argsort(df["dsc"].to_numpy(float), kind="stable")
+    n_show = min(4, max(1, len(order) // 2))
+    best, worst = order[::-1][:n_show], order[:n_show]
+    pick = np.concatenate([best, worst])
+    labels = [f"{sub.stems[i]}\nDSC {df['dsc'].iat[i]:.3f}" + (f", g {df['pred_quality'].iat[i]:.3f}"
+                                                                 if g is not None else "") for i in pick]
+    plots.overlay_montage(sub.images[pick], sub.masks[pick], pred_bin[pick], labels, out_dir / "plots" / "overlays.png",
+                          row_names=["best", "worst"], per_row=n_show,
+                          title=f"{run.path.name} on {out_dir.name} (green: ground truth, red: prediction)")
+    return summary
+
+
+def _evaluate_quality(run: Any, rcfg: Any, data: LabeledData, rows: np.ndarray, foreign: bool, split: str,
+                      checkpoint: str, device: torch.device, out_dir: Path) -> dict[str, Any]:
+    """g on corrupted masks of the cases: the same D_Q val/test sets train-quality made for a split."""
+    from qgseg import plots
+    from qgseg.corrupt import corrupt_dataset
+    from qgseg.engine import load_checkpoint, load_modules
+    from qgseg.metrics import regression_metrics
+    from qgseg.models import build_quality_net
+    from qgseg.phase1 import SPLIT_SALT, quality_report
+    from qgseg.runs import Run
+
+    ck_path = run.checkpoints / f"{checkpoint}.pt"
+    ck = load_checkpoint(ck_path, "checkpoint")
+    spec = (ck.get("specs") or {}).get("g")
+    if not spec or "g" not in (ck.get("modules") or {}):
+        raise InputError(f"{ck_path}: holds no quality predictor 'g'")
+    g = build_quality_net(backbone=spec["backbone"])
+    load_modules({"g": g}, ck["modules"], str(ck_path))
+    g.to(device).eval()
+    weak, note = None, ""
+    weak_run = run.meta.get("weak_run", "")
+    if not foreign and rcfg.corrupt.p_weak > 0 and weak_run:
+        from qgseg.weak import load_weak_predictions
+
+        try:
+            preds, _ = load_weak_predictions(Run(weak_run), data.stems, data.image_size)
+            weak = preds[:, rows]
+        except (InputError, OSError, KeyError, ValueError) as e:
+            note = f"Type 2 masks left out: train-weak run {weak_run} is not usable ({e})"
+    if foreign and rcfg.corrupt.p_weak > 0:
+        note = "another data set: Type 1 corruptions only (the weak models were not trained on it)"
+    salt = _FOREIGN_SALT if foreign else SPLIT_SALT[split]
+    cs = corrupt_dataset(data.masks[rows], rcfg.corrupt.eval_k, 1_000_003 * salt + rcfg.data.split_seed,
+                         weak=weak, p_weak=rcfg.corrupt.p_weak if weak is not None else 0.0)
+    stems = [data.stems[i] for i in rows]
+    metrics, table = quality_report(g, data, rows, cs, device, stems)
+    table.to_csv(out_dir / "masks.csv", index=False)
+    per_cat = table.groupby("category")["abs_error"].agg(["mean", "count"]).rename(
+        columns={"mean": "mae", "count": "masks"})
+    per_cat.to_csv(out_dir / "mae_by_category.csv")
+    r = regression_metrics(table["pred"].to_numpy(float), table["dice"].to_numpy(float))
+    summary: dict[str, Any] = {"checkpoint": ck_path.name, "epoch": ck.get("epoch"), "backbone": spec["backbone"],
+                               "cases": len(rows), "masks_per_case": rcfg.corrupt.eval_k,
+                               "type2_masks": weak is not None}
+    if note:
+        summary["note"] = note
+    summary.update(metrics)
+    summary["pearson_p"], summary["spearman_p"] = r["pearson_p"], r["spearman_p"]
+    summary["mae_by_category"] = {k: float(v) for k, v in per_cat["mae"].items()}
+    true, pred = table["dice"].to_numpy(float), table["pred"].to_numpy(float)
+    plots.quality_scatter(true, pred, out_dir / "plots" / "scatter.png", categories=table["category"].tolist(),
+                          title=f"g on {out_dir.name}: MAE {metrics['mae']:.3f}, Pearson {metrics['pearson']:.3f}")
+    plots.grounding_scatter(true, pred, table["pred_shuffled_image"].to_numpy(float),
+                            table["pred_zero_image"].to_numpy(float), out_dir / "plots" / "grounding.png")
+    return summary

@@ -141,3 +141,93 @@ def quality_scatter(true: np.ndarray, pred: np.ndarray, path: Path, categories: 
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def quality_dice_scatter(dsc: np.ndarray, pred_quality: np.ndarray, path: Path, title: str = "") -> Path:
+    """Predicted quality g(x, prediction) against the true DSC of each case (like the paper's Fig. 2).
+
+    Identity line dashed, least-squares fit solid; Pearson r with its p-value, Spearman rho and
+    MAE in the legend box.
+    """
+    from scipy import stats
+
+    d, q = np.asarray(dsc, np.float64), np.asarray(pred_quality, np.float64)
+    ok = np.isfinite(d) & np.isfinite(q)
+    d, q = d[ok], q[ok]
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    ax.scatter(d, q, s=22, alpha=0.75, color="tab:blue", edgecolor="white", linewidth=0.4, zorder=3)
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="identity")
+    lines = [f"n = {len(d)}"]
+    if len(d) > 2 and np.ptp(d) > 0 and np.ptp(q) > 0:
+        r, p = stats.pearsonr(d, q)
+        rho = stats.spearmanr(d, q).statistic
+        slope, icpt = np.polyfit(d, q, 1)
+        xs = np.array([d.min(), d.max()])
+        ax.plot(xs, slope * xs + icpt, color="tab:red", lw=1.5, label="least-squares fit")
+        lines += [f"Pearson r = {r:.3f} (p = {p:.2g})", f"Spearman ρ = {rho:.3f}"]
+    if len(d):
+        lines.append(f"MAE |g - DSC| = {np.abs(q - d).mean():.3f}")
+    ax.text(0.03, 0.97, "\n".join(lines), transform=ax.transAxes, va="top", ha="left", fontsize=8,
+            bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85, "edgecolor": "0.7"})
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("true DSC of the prediction")
+    ax.set_ylabel("predicted quality g(x, prediction)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def overlay_montage(images: np.ndarray, gts: np.ndarray, preds: np.ndarray, labels: list[str], path: Path,
+                    row_names: list[str] | None = None, per_row: int = 4, title: str = "") -> Path:
+    """Grid of cases: each image with the ground-truth contour green and the prediction's red.
+
+    Cases fill rows of ``per_row`` panels in order; ``row_names`` label the rows (e.g. best, worst).
+    """
+    n = len(images)
+    per_row = max(1, min(per_row, n)) if n else 1
+    n_rows = max(1, -(-n // per_row))
+    h, w = np.asarray(gts).shape[1:3] if n else (1, 1)
+    scale = max(1, int(np.ceil(192 / max(h, w))))
+    panel, band, head, left = 2.0, 0.45, 0.4, 0.35 if row_names else 0.05
+    fig_w, fig_h = left + per_row * panel * 1.04, head + n_rows * (panel + band)
+    fig, axes = plt.subplots(n_rows, per_row, figsize=(fig_w, fig_h), squeeze=False)
+    fig.subplots_adjust(left=left / fig_w, right=1 - 0.02 / fig_w, bottom=0.03 / fig_h,
+                        top=1 - (head + band) / fig_h, wspace=0.04, hspace=band / panel)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i in range(n):
+        ax = axes[i // per_row, i % per_row]
+        ax.imshow(_overlay(images[i], gts[i], preds[i], scale), interpolation="nearest")
+        ax.set_title(labels[i] if i < len(labels) else "", fontsize=7)
+    for r, name in enumerate(row_names or []):
+        if r < n_rows:
+            axes[r, 0].text(-0.04, 0.5, name, transform=axes[r, 0].transAxes, rotation=90, ha="right",
+                            va="center", fontsize=9, fontweight="bold")
+    if title:
+        fig.suptitle(title, fontsize=9, y=1 - 0.06 / fig_h, va="top")
+    return _save(fig, path)
+
+
+def grounding_scatter(true: np.ndarray, pred: np.ndarray, pred_shuffled: np.ndarray, pred_zero: np.ndarray,
+                      path: Path) -> Path:
+    """Three panels: g with each mask's own image, with another case's image, with a zeroed image."""
+    true = np.asarray(true, np.float64)
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.9), sharey=True)
+    for ax, p, name in zip(axes, (pred, pred_shuffled, pred_zero),
+                           ("own image", "another case's image", "zeroed image")):
+        p = np.asarray(p, np.float64)
+        mae = np.abs(p - true).mean() if len(true) else float("nan")
+        ax.scatter(true, p, s=6, alpha=0.5, color="tab:blue")
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("true Dice")
+        ax.set_title(f"{name}: MAE {mae:.3f}", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("predicted quality g")
+    fig.suptitle("Grounding check: does g use the image?", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

@@ -1,0 +1,691 @@
+"""``qgseg ablate NAME``: sweep one setting over a grid of values x seeds, then tabulate.
+
+Every point is a normal run directory, ``<ablate>/points/<value>/seed<k>/``, made by a child
+process ``python -m qgseg <stage> --config <ablate>/config.toml --out <point> --set key=value
+--seed k --json`` (``--resume`` when the point holds an unfinished run). Rerunning the same
+command skips completed points, so an interrupted sweep continues where it stopped; with
+``--print-commands`` the points become shell lines for a cluster job array and a later plain
+``qgseg ablate`` gathers them into the table.
+
+Phase 2 sweeps (ssl points) share one g: ``--quality RUN``, the g this ablate used before, the
+newest completed train-quality run of the same image size, or one trained into
+``<ablate>/prereq/train-quality``. Phase 1 sweeps (train-quality points) share one train-weak
+run for Type 2 masks when p_weak > 0 (found, or trained into ``<ablate>/prereq/train-weak``).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import csv
+import io
+import logging
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from qgseg.config import Config, Loaded, dumps_toml, load_run_config
+from qgseg.errors import InputError, QgsegError
+from qgseg.methods import NAMES as SSL_METHODS
+from qgseg.metrics import e_val, mean_se
+from qgseg.report import Reporter
+from qgseg.runs import Run, atomic_write_text, find_runs, read_json, resolve_link
+
+log = logging.getLogger("qgseg")
+STAGE = "ablate"
+LIVE_SECONDS = 600  # a "running" point touched this recently is taken to be running elsewhere
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One ablation: which stage its points run, the key it varies and its default grid."""
+
+    name: str
+    stage: str  # "ssl" or "train-quality"
+    key: str  # dotted config key the value sets ("" for the method sweep)
+    default: tuple[str, ...]
+    help: str
+    metrics: tuple[tuple[str, str], ...] = ()  # (summary key, column name)
+    e_val96: bool = False
+
+
+_P2 = (("test_dsc", "DSC"), ("test_iou", "IoU"))
+_P1 = (("test_mae", "MAE"), ("test_pearson", "Pearson"))
+# sup and qar have no pseudolabel for g to weight: one row each
+METHOD_ROWS = ("sup",) + tuple(x for m in SSL_METHODS if m not in ("sup", "qar") for x in (m, f"{m}+qw")) + ("qar",)
+
+SWEEPS: dict[str, Sweep] = {s.name: s for s in (
+    Sweep("lambda-qar", "ssl", "ssl.qar_weight", ("0.001", "0.01", "0.1"),
+          "final QAR weight lambda_qar (method qar unless ssl.method is set)", _P2),
+    Sweep("lambda-qw", "ssl", "ssl.lambda_final", ("0.1", "0.25", "0.5", "1.0"),
+          "final unlabeled-loss weight of a QW method (pl --qw unless ssl.method is set)", _P2),
+    Sweep("p-weak", "train-quality", "corrupt.p_weak", ("0", "0.05", "0.1", "0.2"),
+          "probability of a Type 2 (weak-model) mask in D_Q", _P1),
+    Sweep("k", "train-quality", "corrupt.k", ("10", "25", "50", "100"), "corrupted masks per training image K", _P1),
+    Sweep("backbone", "train-quality", "quality.backbone", ("resnet18", "resnet34", "resnet50"),
+          "timm backbone of g", _P1),
+    Sweep("arch", "ssl", "model.arch", ("unetpp", "attention-unet", "swin-unet"),
+          "architecture of f, with its default encoder (arch:encoder picks one; method qar unless "
+          "ssl.method is set)", _P2),
+    Sweep("unlabeled-size", "ssl", "data.max_unlabeled", ("25%", "50%", "100%"),
+          "unlabeled images M (a count, or a percentage of the unlabeled folder; method qar unless "
+          "ssl.method is set)", _P2, e_val96=True),
+    Sweep("method", "ssl", "", METHOD_ROWS, "every SSL method with and without QW (the paper's Table 1 rows)", _P2),
+)}
+
+
+@dataclass
+class Point:
+    value: str
+    seed: int
+    path: Path
+    sets: list[str]
+    status: str = "pending"  # pending, completed, failed, running
+    reason: str = ""
+    summary: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # e.g. e_val96
+
+    @property
+    def label(self) -> str:
+        return f"{self.value} seed {self.seed}"
+
+
+def get_sweep(name: str) -> Sweep:
+    if name not in SWEEPS:
+        raise InputError(f"NAME {name}: unknown ablation; choose one of {', '.join(SWEEPS)}")
+    return SWEEPS[name]
+
+
+def slug(value: str) -> str:
+    """A folder name for a grid value: ``25%`` -> ``25pct``, ``pl+qw`` -> ``pl+qw``."""
+    s = value.strip().replace("%", "pct").replace("/", "_").replace(":", "_")
+    s = re.sub(r"[^A-Za-z0-9.+=_-]", "_", s)
+    return s or "_"
+
+
+def parse_values(text: str | None, sweep: Sweep) -> list[str]:
+    if text is None:
+        return list(sweep.default)
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    if not values:
+        raise InputError(f"--values {text!r}: expected comma-separated values, e.g. {','.join(sweep.default)}")
+    slugs = [slug(v) for v in values]
+    if len(set(slugs)) != len(slugs):
+        raise InputError(f"--values {text!r}: a value is listed twice")
+    return values
+
+
+# ---------------------------------------------------------------------------------------------
+# what a value sets
+# ---------------------------------------------------------------------------------------------
+def _unlabeled_count(cfg: Config) -> int:
+    from qgseg.data import discover_unlabeled
+
+    if not cfg.data.unlabeled:
+        raise InputError("--unlabeled: the unlabeled-size sweep needs an unlabeled folder (data.unlabeled)")
+    return len(discover_unlabeled(Path(cfg.data.unlabeled)))
+
+
+def point_sets(sweep: Sweep, value: str, cfg: Config, explicit: dict[str, str],
+               unlabeled_count: Callable[[], int]) -> list[str]:
+    """The ``--set key=value`` items of one grid value (values are passed on unchecked: a bad
+    value makes that point's run fail, and the table says so)."""
+    method_given = "ssl.method" in explicit
+    if sweep.name == "method":
+        method, _, flag = value.partition("+")
+        if flag not in ("", "qw"):
+            return [f"ssl.method={value}"]  # let the point's run reject it
+        qar = cfg.ssl.qar_weight if cfg.ssl.qar_weight > 0 else 0.01
+        return [f"ssl.method={method}", f"ssl.qw={'true' if flag else 'false'}",
+                f"ssl.qar_weight={qar if method == 'qar' else 0.0}"]
+    out: list[str] = []
+    if sweep.name == "lambda-qar":
+        if not method_given:
+            out.append("ssl.method=qar")
+        out.append(f"ssl.qar_weight={value}")
+    elif sweep.name == "lambda-qw":
+        if not method_given:
+            out.append("ssl.method=pl")
+        out += ["ssl.qw=true", f"ssl.lambda_final={value}"]
+    elif sweep.name == "arch":
+        arch, _, encoder = value.partition(":")
+        out += _default_method(cfg, method_given) + [f"model.arch={arch}", f"model.encoder={encoder}"]
+    elif sweep.name == "unlabeled-size":
+        out += _default_method(cfg, method_given)
+        if value.endswith("%"):
+            try:
+                frac = float(value[:-1]) / 100.0
+            except ValueError:
+                return out + [f"data.max_unlabeled={value}"]
+            n = unlabeled_count()
+            m = 0 if frac >= 1.0 else max(1, int(round(frac * n)))
+            out.append(f"data.max_unlabeled={m}")
+        else:
+            out.append(f"data.max_unlabeled={value}")
+    else:
+        out.append(f"{sweep.key}={value}")
+    return out
+
+
+def _default_method(cfg: Config, method_given: bool) -> list[str]:
+    if method_given:
+        return []
+    qar = cfg.ssl.qar_weight if cfg.ssl.qar_weight > 0 else 0.01
+    return ["ssl.method=qar", f"ssl.qar_weight={qar}"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the ablate directory
+# ---------------------------------------------------------------------------------------------
+_PATH_KEYS = ("data.labeled", "data.unlabeled", "data.cache_dir", "quality.weights_file", "model.weights_file",
+              "ssl.quality", "weak.run", "corrupt.run")
+
+
+def absolute_config(cfg: Config) -> Config:
+    """Paths made absolute, so the points (and printed commands) work from any folder."""
+    repl: dict[str, Any] = {}
+    for key in _PATH_KEYS:
+        sec, k = key.split(".")
+        v = getattr(getattr(cfg, sec), k)
+        if v:
+            repl[key] = str(Path(v).expanduser().resolve())
+    repl["runs_root"] = str(Path(cfg.runs_root).expanduser().resolve())
+    return cfg.replace(**repl)
+
+
+def _comparable(toml_text: str) -> str:
+    """The config text without what may differ between runs of one sweep: the device (machines
+    that run and gather the points differ), the base seed (each point has its own --seed) and
+    [ablate] (seeds / jobs are not part of a point)."""
+    keep, section = [], ""
+    for line in toml_text.splitlines():
+        if line.startswith("["):
+            section = line.strip()
+        if section == "[ablate]" or line.startswith(("device =", "seed =")):
+            continue
+        keep.append(line)
+    return "\n".join(keep)
+
+
+def open_ablate_dir(path: Path, sweep: Sweep, cfg: Config, config_file: str) -> Run:
+    """Create the ablate directory, or reopen it when it was made with the same configuration."""
+    from qgseg.runs import create_run
+
+    text = dumps_toml(cfg)
+    cfg_path = path / "config.toml"
+    if path.is_dir() and (path / "meta.json").is_file():
+        run = Run(path)
+        if run.stage != STAGE or run.meta.get("sweep") != sweep.name:
+            raise InputError(f"--out {path}: holds a {run.meta.get('sweep') or run.stage} run, not ablate "
+                             f"{sweep.name}; choose another folder")
+        if cfg_path.is_file() and _comparable(cfg_path.read_text(encoding="utf-8")) != _comparable(text):
+            raise InputError(f"--out {path}: its points were made with another configuration ({cfg_path}); "
+                             "use the same options, or another --out for the new configuration")
+        from qgseg.runs import process_alive
+
+        if run.status == "running" and run.meta.get("pid") != os.getpid() and process_alive(run):
+            raise InputError(f"--out {path}: another ablate process (pid {run.meta.get('pid')}) is working on it; "
+                             "wait for it to finish")
+        run.update_meta(pid=os.getpid(), pid_start=0)
+        run.set_status("running")
+        return run
+    run = create_run(path, STAGE, text, extra={"sweep": sweep.name, "config_file": config_file})
+    for sub in (run.checkpoints, run.plots):  # an ablate run has neither
+        if sub.is_dir() and not any(sub.iterdir()):
+            sub.rmdir()
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# prerequisites: one g for phase 2 sweeps, one train-weak run for phase 1 sweeps
+# ---------------------------------------------------------------------------------------------
+def _usable(run_dir: str, stage: str, image_size: int) -> bool:
+    p = Path(run_dir)
+    if not (p / "meta.json").is_file():
+        return False
+    r = Run(p)
+    try:
+        return r.stage == stage and r.status == "completed" and load_run_config(p).data.image_size == image_size
+    except (InputError, OSError):
+        return False
+
+
+def _newest(cfg: Config, stage: str, labeled: str = "") -> str:
+    for r in reversed(find_runs(cfg.runs_root, stage)):
+        try:
+            rc = load_run_config(r.path)
+        except (InputError, OSError):
+            continue
+        if rc.data.image_size != cfg.data.image_size:
+            continue
+        if labeled and Path(rc.data.labeled).resolve() != Path(labeled).resolve():
+            continue
+        return str(r.path.resolve())
+    return ""
+
+
+def child_env(threads: int | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"NO_ALBUMENTATIONS_UPDATE": "1", "OMP_WAIT_POLICY": "PASSIVE"})
+    if threads:
+        env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
+    return env
+
+
+def stage_command(stage: str, config_file: Path, out: Path, sets: list[str], seed: int | None,
+                  extra: list[str] = (), resume: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "qgseg", stage, "--config", str(config_file), "--out", str(out), "--json"]
+    if seed is not None:
+        cmd += ["--seed", str(seed)]
+    for s in sets:
+        cmd += ["--set", s]
+    cmd += list(extra)
+    if resume:
+        cmd.append("--resume")
+    return cmd
+
+
+_CHILDREN: set[subprocess.Popen] = set()
+_CHILDREN_LOCK = threading.Lock()
+
+
+def _run_child(cmd: list[str], log_path: Path, env: dict[str, str]) -> tuple[int, str]:
+    """Run one stage process; its stderr goes to ``log_path``. Returns (exit code, last stderr line)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as errf, open(os.devnull, "wb") as outf:
+        errf.write(("$ " + shlex.join(cmd) + "\n").encode())
+        errf.flush()
+        proc = subprocess.Popen(cmd, stdout=outf, stderr=errf, env=env, stdin=subprocess.DEVNULL)
+        with _CHILDREN_LOCK:
+            _CHILDREN.add(proc)
+        try:
+            rc = proc.wait()
+        except KeyboardInterrupt:  # a prerequisite run in the main thread
+            _stop([proc])
+            raise
+        finally:
+            with _CHILDREN_LOCK:
+                _CHILDREN.discard(proc)
+    last = ""
+    try:
+        lines = [ln for ln in log_path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+        errs = [ln for ln in lines if ln.startswith("qgseg: error") or "Error" in ln]
+        last = (errs or lines or [""])[-1].strip()
+    except OSError:
+        pass
+    return rc, last
+
+
+def stop_children(grace: float = 3.0, wait: float = 120.0) -> None:
+    """On Ctrl-C / SIGTERM: let the running points write a resumable checkpoint and stop.
+
+    A terminal's Ctrl-C reaches the children too; a child still running after ``grace`` seconds
+    (e.g. the ablate process alone got SIGTERM) is sent SIGTERM, which a stage treats like
+    Ctrl-C. Children that do not stop within ``wait`` seconds are killed.
+    """
+    with _CHILDREN_LOCK:
+        procs = list(_CHILDREN)
+    _stop(procs, grace, wait)
+
+
+def _stop(procs: list[subprocess.Popen], grace: float = 3.0, wait: float = 120.0) -> None:
+    deadline = time.time() + grace
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+    deadline = time.time() + wait
+    for proc in procs:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _prereq(adir: Run, stage: str, config_file: Path, sets: list[str], env: dict[str, str],
+            reporter: Reporter) -> str:
+    """Train (or resume) ``<ablate>/prereq/<stage>`` in a child process; its path."""
+    path = adir.path / "prereq" / stage
+    if (path / "meta.json").is_file() and Run(path).status == "completed":
+        return str(path.resolve())
+    resume = (path / "meta.json").is_file()
+    reporter.note(f"ablate: training the shared {stage} run {path} first")
+    cmd = stage_command(stage, config_file, path, sets, None, resume=resume)
+    rc, last = _run_child(cmd, adir.path / "logs" / f"prereq-{stage}.log", env)
+    if rc != 0:
+        raise QgsegError(f"ablate: the shared {stage} run {path} failed (exit {rc}): {last}; see "
+                         f"{adir.path / 'logs' / f'prereq-{stage}.log'}")
+    return str(path.resolve())
+
+
+def resolve_quality(adir: Run, cfg: Config, quality: str | None, config_file: Path, env: dict[str, str],
+                    reporter: Reporter) -> str:
+    """The g every ssl point gets with --quality."""
+    if quality:
+        run = resolve_link(quality, cfg.runs_root, "train-quality", "--quality")
+        if not _usable(str(run.path), "train-quality", cfg.data.image_size):
+            raise InputError(f"--quality {quality}: g was not trained at {cfg.data.image_size} px")
+        return str(run.path.resolve())
+    used = adir.meta.get("quality_run", "")
+    if used and _usable(used, "train-quality", cfg.data.image_size):
+        return used
+    found = _newest(cfg, "train-quality")
+    if found:
+        return found
+    return _prereq(adir, "train-quality", config_file, [], env, reporter)
+
+
+def resolve_weak(adir: Run, cfg: Config, config_file: Path, env: dict[str, str], reporter: Reporter) -> str:
+    """The train-weak run every train-quality point gets (weak.run)."""
+    if cfg.weak.run:
+        run = resolve_link(cfg.weak.run, cfg.runs_root, "train-weak", "--weak")
+        return str(run.path.resolve())
+    used = adir.meta.get("weak_run", "")
+    if used and _usable(used, "train-weak", cfg.data.image_size):
+        return used
+    found = _newest(cfg, "train-weak", cfg.data.labeled)
+    if found:
+        return found
+    return _prereq(adir, "train-weak", config_file, [], env, reporter)
+
+
+# ---------------------------------------------------------------------------------------------
+# points
+# ---------------------------------------------------------------------------------------------
+def _dir_touched(path: Path) -> float:
+    newest = 0.0
+    for p in [path, *path.rglob("*")]:
+        try:
+            newest = max(newest, p.stat().st_mtime)
+        except OSError:
+            pass
+    return newest
+
+
+def point_state(p: Point) -> str:
+    """completed | running (its process is alive) | resumable | fresh.
+
+    A point left ``running`` by a killed process is resumable. Whether the process lives is
+    exact for a point started on this host; for one started on another host (a cluster job) a
+    point whose folder changed within the last LIVE_SECONDS is taken to be still running.
+    """
+    from qgseg.runs import process_alive
+
+    meta = p.path / "meta.json"
+    if not meta.is_file():
+        return "fresh"
+    run = Run(p.path)
+    st = run.status
+    if st == "completed" and (p.path / "summary.json").is_file():
+        return "completed"
+    if st == "running":
+        alive = process_alive(run)
+        if alive or (alive is None and time.time() - _dir_touched(p.path) < LIVE_SECONDS):
+            return "running"
+    return "resumable"
+
+
+def gather(p: Point, sweep: Sweep) -> None:
+    """Read a completed point's summary (and e_val96 from its metrics.csv)."""
+    p.summary = read_json(p.path / "summary.json")
+    p.status = "completed"
+    if sweep.e_val96:
+        from qgseg.engine import read_metrics
+
+        vals = []
+        for row in read_metrics(p.path):
+            try:
+                vals.append(float(row.get("val_dsc", "nan")))
+            except ValueError:
+                vals.append(math.nan)
+        p.extra["e_val96"] = float(e_val(vals, 0.96)) if vals else math.nan
+
+
+def print_line(p: Point, cmd: list[str], cwd: str) -> str:
+    """One self-contained shell line: skip when completed, --resume when the point is unfinished."""
+    base = shlex.join(cmd)
+    meta = shlex.quote(str(p.path / "meta.json"))
+    env = "env NO_ALBUMENTATIONS_UPDATE=1 OMP_WAIT_POLICY=PASSIVE"
+    return (f"cd {shlex.quote(cwd)} && {{ grep -qs '\"status\": \"completed\"' {meta} || "
+            f"{env} {base} $([ -f {meta} ] && echo --resume); }}")
+
+
+@dataclass
+class AblateResult:
+    run: Run
+    sweep: Sweep
+    points: list[Point]
+    rows: list[dict[str, Any]]
+    commands: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[Point]:
+        return [p for p in self.points if p.status != "completed"]
+
+
+def run_ablate(loaded: Loaded, name: str, values: str | None = None, seeds: int | None = None,
+               jobs: int | None = None, out: Path | str | None = None, quality: str | None = None,
+               print_commands: bool = False, reporter: Reporter | None = None) -> AblateResult:
+    """Run (or gather) every point of an ablation and write table.csv / table.md / summary.json."""
+    sweep = get_sweep(name)
+    grid = parse_values(values, sweep)
+    cfg = absolute_config(loaded.config)
+    n_seeds = seeds if seeds is not None else cfg.ablate.seeds
+    n_jobs = jobs if jobs is not None else cfg.ablate.jobs
+    if n_seeds < 1:
+        raise InputError(f"--seeds {n_seeds}: expected at least 1")
+    if n_jobs < 1:
+        raise InputError(f"--jobs {n_jobs}: expected at least 1")
+    if sweep.stage == "ssl" and not cfg.data.unlabeled and sweep.name != "method":
+        log.info("no unlabeled folder (data.unlabeled): ssl points that need one will fail")
+    path = (Path(out) if out else Path(cfg.runs_root) / STAGE / sweep.name).resolve()
+    adir = open_ablate_dir(path, sweep, cfg, loaded.config_file)
+    rep = reporter or Reporter(enabled=False)
+    config_file = (adir.path / "config.toml").resolve()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    env = child_env(max(1, cores // n_jobs))
+    try:
+        result = _run(adir, sweep, grid, cfg, loaded.explicit, n_seeds, n_jobs, quality, config_file, env,
+                      print_commands, rep)
+    except BaseException as e:
+        adir.set_status("interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                        f"{type(e).__name__}: {e}")
+        raise
+    return result
+
+
+def _run(adir: Run, sweep: Sweep, grid: list[str], cfg: Config, explicit: dict[str, str], n_seeds: int,
+         n_jobs: int, quality: str | None, config_file: Path, env: dict[str, str], print_commands: bool,
+         rep: Reporter) -> AblateResult:
+    count_cache: list[int] = []
+
+    def unlabeled_count() -> int:
+        if not count_cache:
+            count_cache.append(_unlabeled_count(cfg))
+        return count_cache[0]
+
+    points = [Point(v, cfg.seed + i, adir.path / "points" / slug(v) / f"seed{cfg.seed + i}",
+                    point_sets(sweep, v, cfg, explicit, unlabeled_count))
+              for v in grid for i in range(n_seeds)]
+    states = {id(p): point_state(p) for p in points}
+    todo = [p for p in points if states[id(p)] in ("fresh", "resumable")]
+    extra: list[str] = []
+    meta_links: dict[str, str] = {}
+    if todo:  # prerequisites only when something is left to run
+        with rep:
+            if sweep.stage == "ssl":
+                g = resolve_quality(adir, cfg, quality, config_file, env, rep)
+                extra, meta_links["quality_run"] = ["--quality", g], g
+            elif cfg.corrupt.p_weak > 0 or sweep.name == "p-weak":
+                w = resolve_weak(adir, cfg, config_file, env, rep)
+                for p in points:
+                    p.sets = [f"weak.run={w}"] + p.sets
+                meta_links["weak_run"] = w
+    if meta_links:
+        adir.update_meta(**meta_links)
+    adir.update_meta(values=grid, seeds=n_seeds)
+    cwd = os.getcwd()
+    commands: list[str] = []
+    for p in points:
+        st = states[id(p)]
+        if st == "completed":
+            gather(p, sweep)
+        elif st == "running":
+            p.status, p.reason = "running", "still running in another process; rerun later to gather it"
+    if print_commands:
+        for p in todo:
+            commands.append(print_line(p, stage_command(sweep.stage, config_file, p.path, p.sets, p.seed, extra), cwd))
+        rows = table_rows(sweep, grid, points)
+        adir.set_status("running", f"{len(todo)} point commands printed")
+        return AblateResult(adir, sweep, points, rows, commands)
+
+    def work(p: Point) -> Point:
+        resume = point_state(p) == "resumable"
+        cmd = stage_command(sweep.stage, config_file, p.path, p.sets, p.seed, extra, resume=resume)
+        rc, last = _run_child(cmd, adir.path / "logs" / f"{slug(p.value)}-seed{p.seed}.log", env)
+        if rc == 0 and point_state(p) == "completed":
+            gather(p, sweep)
+        else:
+            p.status = "failed"
+            p.reason = f"exit {rc}: {last}" if rc else "the run did not complete"
+        return p
+
+    if todo:
+        with rep:
+            rep.start(f"ablate {sweep.name} points", len(todo))
+            with cf.ThreadPoolExecutor(max_workers=n_jobs) as pool:
+                futures = {pool.submit(work, p): p for p in todo}
+                try:
+                    for fut in cf.as_completed(futures):
+                        p = fut.result()
+                        ok = "done" if p.status == "completed" else f"FAILED ({p.reason})"
+                        rep.advance(1, info=f"{p.label}: {p.status}")
+                        rep.note(f"ablate {sweep.name}: {p.label} {ok}")
+                except KeyboardInterrupt:
+                    for f in futures:
+                        f.cancel()
+                    stop_children()
+                    raise
+    rows = table_rows(sweep, grid, points)
+    write_table(adir, sweep, rows)
+    bad = [p for p in points if p.status != "completed"]
+    summary = {"run": str(adir.path), "stage": STAGE, "sweep": sweep.name, "key": sweep.key, "values": grid,
+               "seeds": n_seeds, "points": len(points), "failed": len(bad), "rows": rows,
+               "quality_run": adir.meta.get("quality_run", ""), "weak_run": adir.meta.get("weak_run", ""),
+               "failures": [{"value": p.value, "seed": p.seed, "status": p.status, "reason": p.reason,
+                             "point": str(p.path)} for p in bad]}
+    adir.write_summary(summary)
+    if bad:
+        adir.set_status("failed", f"{len(bad)} of {len(points)} points did not complete")
+    else:
+        adir.set_status("completed")
+    return AblateResult(adir, sweep, points, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+# ---------------------------------------------------------------------------------------------
+def table_rows(sweep: Sweep, grid: list[str], points: list[Point]) -> list[dict[str, Any]]:
+    """One row per grid value: mean and standard error over the completed seeds of each metric."""
+    rows = []
+    for v in grid:
+        pts = [p for p in points if p.value == v]
+        done = [p for p in pts if p.status == "completed"]
+        row: dict[str, Any] = {"value": v, "seeds": len(done), "of": len(pts)}
+        if sweep.name == "unlabeled-size":
+            row["M"] = _m_of(pts)
+        for key, col in sweep.metrics:
+            m, se = mean_se([_num(p.summary.get(key)) for p in done])
+            row[f"{col}_mean"], row[f"{col}_se"] = m, se
+        if sweep.e_val96:
+            m, se = mean_se([p.extra.get("e_val96", math.nan) for p in done])
+            row["e_val96_mean"], row["e_val96_se"] = m, se
+        states = [p.status for p in pts]
+        row["status"] = ("ok" if all(s == "completed" for s in states) else
+                         ", ".join(f"{states.count(s)} {s}" for s in ("failed", "running", "pending") if s in states))
+        row["failures"] = "; ".join(f"seed {p.seed}: {p.reason}" for p in pts if p.status != "completed")
+        rows.append(row)
+    return rows
+
+
+def _m_of(points: list[Point]) -> Any:
+    for p in points:
+        if p.status == "completed" and p.summary.get("n_unlabeled") is not None:
+            return p.summary["n_unlabeled"]
+    for s in points[0].sets if points else []:
+        if s.startswith("data.max_unlabeled="):
+            return s.split("=", 1)[1]
+    return ""
+
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
+def metric_columns(sweep: Sweep) -> list[str]:
+    cols = [c for _, c in sweep.metrics]
+    return cols + (["e_val96"] if sweep.e_val96 else [])
+
+
+def _pm(m: float, se: float, digits: int = 4) -> str:
+    if m is None or (isinstance(m, float) and math.isnan(m)):
+        return "-"
+    return f"{m:.{digits}f} ± {se:.{digits}f}"
+
+
+def _digits(col: str) -> int:
+    return 1 if col == "e_val96" else 4
+
+
+def display_rows(sweep: Sweep, rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    head = [sweep.name] + (["M"] if sweep.name == "unlabeled-size" else []) + ["seeds"]
+    head += metric_columns(sweep) + ["status"]
+    body = []
+    for r in rows:
+        line = [str(r["value"])] + ([str(r["M"])] if sweep.name == "unlabeled-size" else [])
+        line.append(f"{r['seeds']}/{r['of']}")
+        line += [_pm(r[f"{c}_mean"], r[f"{c}_se"], _digits(c)) for c in metric_columns(sweep)]
+        line.append(r["status"])
+        body.append(line)
+    return head, body
+
+
+def write_table(adir: Run, sweep: Sweep, rows: list[dict[str, Any]]) -> None:
+    """table.csv (numbers) and table.md (mean ± s.e.) in the ablate directory."""
+    cols = ["value"] + (["M"] if sweep.name == "unlabeled-size" else []) + ["seeds", "of"]
+    for c in metric_columns(sweep):
+        cols += [f"{c}_mean", f"{c}_se"]
+    cols += ["status", "failures"]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for r in rows:
+        w.writerow([("" if isinstance(r[c], float) and math.isnan(r[c]) else r[c]) for c in cols])
+    atomic_write_text(adir.path / "table.csv", buf.getvalue())
+    head, body = display_rows(sweep, rows)
+    md = [f"# ablate {sweep.name}", "", f"{sweep.help}; mean ± standard error over seeds.", "",
+          "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    md += ["| " + " | ".join(x.replace("|", "\\|") for x in line) + " |" for line in body]
+    atomic_write_text(adir.path / "table.md", "\n".join(md) + "\n")
+
+
+def render(result: AblateResult) -> Any:
+    """A Rich table of the sweep (stdout)."""
+    from rich.table import Table
+
+    head, body = display_rows(result.sweep, result.rows)
+    t = Table(title=f"ablate {result.sweep.name}: mean ± standard error over seeds", header_style="bold",
+              caption=str(result.run.path))
+    for i, h in enumerate(head):
+        t.add_column(h, justify="left" if i == 0 or h == "status" else "right")
+    for line in body:
+        style = None if line[-1] == "ok" else "red"
+        t.add_row(*line, style=style)
+    return t
