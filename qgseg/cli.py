@@ -126,9 +126,7 @@ def threading_main() -> bool:
 def _emit(json_out: bool, result: dict[str, Any], render: Callable[[], Any]) -> None:
     from qgseg.report import print_json, stdout_console
 
-    from qgseg.distributed import is_main_process
-
-    if not is_main_process():
+    if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun rank 0 prints the result
     if json_out:
         print_json(result)

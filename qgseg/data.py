@@ -372,6 +372,19 @@ def make_splits(stems: Sequence[str], seed: int, root: Path | str | None = None)
     return out
 
 
+def run_splits(stems: Sequence[str], seed: int, root: Path | str | None = None,
+               max_labeled: int = 0) -> dict[str, list[str]]:
+    """The splits of a run: :func:`make_splits`, with the training cases capped at
+    ``max_labeled`` (a subset seeded by ``seed``; the rest listed under ``"unused"``)."""
+    splits = make_splits(stems, seed, root)
+    if max_labeled and max_labeled < len(splits["train"]):
+        order = np.random.default_rng(seed).permutation(len(splits["train"]))
+        keep = sorted(splits["train"][i] for i in order[:max_labeled])
+        splits["unused"] = sorted(set(splits["train"]) - set(keep))
+        splits["train"] = keep
+    return splits
+
+
 def read_splits_csv(path: Path, stems: Sequence[str]) -> dict[str, list[str]]:
     """Splits from a ``stem,split`` CSV (optional header, ``#`` comments); unlisted stems are unused."""
     known = set(stems)
@@ -446,28 +459,51 @@ def to_float_masks(m: torch.Tensor) -> torch.Tensor:
     return m.unsqueeze(1).float()
 
 
+_DIHEDRAL: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _dihedral_maps(size: int, device: torch.device) -> torch.Tensor:
+    """(8, size*size) source pixel of each output pixel for the 8 dihedral transforms.
+
+    Code c: flip the last axis if c & 1, then ``rot90`` c >> 1 times over the last two axes, the
+    same operations applied to an index grid, so a gather with these maps is exact.
+    """
+    key = (size, str(device))
+    if key not in _DIHEDRAL:
+        grid = torch.arange(size * size).view(size, size)
+        maps = []
+        for code in range(8):
+            v = grid.flip(-1) if code & 1 else grid
+            maps.append(torch.rot90(v, code >> 1, dims=(-2, -1)).reshape(-1))
+        _DIHEDRAL[key] = torch.stack(maps).to(device)
+    return _DIHEDRAL[key]
+
+
+def _gather_pixels(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """t (B,C,S,S) with pixels taken from idx (B, S*S); keeps channels_last inputs channels_last."""
+    b, c, h, w = t.shape
+    if c > 1 and t.is_contiguous(memory_format=torch.channels_last):
+        flat = t.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        out = flat.gather(1, idx.unsqueeze(2).expand(b, h * w, c))
+        return out.view(b, h, w, c).permute(0, 3, 1, 2)
+    flat = t.reshape(b, c, h * w)
+    return flat.gather(2, idx.unsqueeze(1).expand(b, c, h * w)).view(b, c, h, w)
+
+
 def random_flip_rot(x: torch.Tensor, *others: torch.Tensor, generator: torch.Generator | None = None):
     """The same random dihedral transform (flips + 90 degree turns) per sample, batched.
 
-    All tensors are (B, C, H, W) with square H == W. Returns the transformed tensors.
+    All tensors are (B, C, H, W) with square H == W. Returns the transformed tensors. The
+    transform code (0-7) per sample comes from ``generator``; applying it is one gather per
+    tensor on the tensors' device (no per-code loop, no host-device synchronisation).
     """
-    b = x.shape[0]
+    b, size = x.shape[0], x.shape[-1]
+    if any(t.shape[-2:] != (size, size) or t.shape[0] != b for t in (x,) + others):
+        raise ValueError(f"random_flip_rot needs square (B, C, S, S) tensors of one size, got "
+                         f"{[tuple(t.shape) for t in (x,) + others]}")
     r = torch.randint(0, 8, (b,), generator=generator)
-    tensors = (x,) + others
-    outs = [t.clone() for t in tensors]
-    for code in range(1, 8):
-        sel = (r == code).nonzero().flatten()
-        if sel.numel() == 0:
-            continue
-        sel = sel.to(x.device)
-        for o, t in zip(outs, tensors):
-            v = t.index_select(0, sel)
-            if code & 1:
-                v = v.flip(-1)
-            k = code >> 1
-            if k:
-                v = torch.rot90(v, k, dims=(-2, -1))
-            o.index_copy_(0, sel, v)
+    idx = _dihedral_maps(size, x.device).index_select(0, r.to(x.device, non_blocking=True))
+    outs = [_gather_pixels(t, idx) for t in (x,) + others]
     return outs[0] if not others else tuple(outs)
 
 

@@ -313,7 +313,10 @@ class QualityNet(nn.Module):
         _check_timm_backbone(backbone)
         self.spec = {"backbone": backbone, "in_chans": in_chans}
         self.backbone = timm.create_model(backbone, in_chans=in_chans, num_classes=0, pretrained=False)
-        width = int(self.backbone.num_features)
+        # the pooled width is not always num_features (MobileNetV3's conv head widens it): measure it
+        with torch.no_grad():
+            width = int(self.backbone.eval()(torch.zeros(1, in_chans, 64, 64)).shape[1])
+        self.backbone.train()
         self.head = nn.Sequential(
             nn.Dropout(0.15), nn.Linear(width, 256), nn.ReLU(inplace=True), nn.Dropout(0.075), nn.Linear(256, 1)
         )

@@ -65,8 +65,8 @@ def build_dq(cfg: Config, data: D.LabeledData, splits: dict[str, list[str]],
     seeds fixed by data.split_seed)."""
     pos = {s: i for i, s in enumerate(data.stems)}
     out = {}
-    for split, stems in splits.items():
-        idx = np.array([pos[s] for s in stems])
+    for split in ("train", "val", "test"):
+        idx = np.array([pos[s] for s in splits[split]])
         if split == "train":
             k, seed = cfg.corrupt.k, cfg.seed
         else:
@@ -91,10 +91,7 @@ def dq_summary(cs: CorruptedSet) -> dict[str, Any]:
 
 def _labeled_and_splits(cfg: Config, run: Run) -> tuple[D.LabeledData, dict[str, list[str]]]:
     data = D.load_labeled(cfg.data.labeled, cfg.data.image_size, cfg.data.cache_dir)
-    splits = D.make_splits(data.stems, cfg.data.split_seed, data.root)
-    if cfg.data.max_labeled and cfg.data.max_labeled < len(splits["train"]):
-        rng = np.random.default_rng(cfg.data.split_seed)
-        splits["train"] = sorted(rng.choice(splits["train"], cfg.data.max_labeled, replace=False).tolist())
+    splits = D.run_splits(data.stems, cfg.data.split_seed, data.root, cfg.data.max_labeled)
     write_json(run.path / "splits.json", splits)
     return data, splits
 

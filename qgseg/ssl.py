@@ -244,13 +244,7 @@ def _splits(run: Run, data: D.LabeledData, cfg: Config) -> dict[str, list[str]]:
     path = run.path / "splits.json"
     if path.is_file():  # a resumed run keeps its splits
         return read_json(path)
-    splits = D.make_splits(data.stems, cfg.data.split_seed, data.root)
-    cap = cfg.data.max_labeled
-    if cap and cap < len(splits["train"]):
-        order = np.random.default_rng(cfg.data.split_seed).permutation(len(splits["train"]))
-        keep = sorted(splits["train"][i] for i in order[:cap])
-        splits["unused"] = sorted(set(splits["train"]) - set(keep))
-        splits["train"] = keep
+    splits = D.run_splits(data.stems, cfg.data.split_seed, data.root, cfg.data.max_labeled)
     write_json(path, splits)
     return splits
 

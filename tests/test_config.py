@@ -58,18 +58,18 @@ def test_unknown_preset_lists_choices(tmp_path):
 
 # ---------------------------------------------------------------------------- precedence
 def test_precedence_defaults_preset_file_options_set(tmp_path):
-    # cpu preset sets train.epochs 15, train.lr 1e-3, train.patience 8, data.image_size 96
+    # cpu preset sets train.epochs 10, train.lr 1e-3, train.patience 6, data.image_size 96
     cfg_file = _write(tmp_path / "run.toml", "[train]\nepochs = 7\nlr = 0.002\n[data]\nimage_size = 64\n")
     loaded = _load(tmp_path, preset="cpu", config_file=cfg_file,
                    options={"train.lr": 0.005, "data.image_size": 160, "seed": None},
                    sets=["data.image_size=192"])
     cfg = loaded.config
-    assert cfg.train.patience == 8  # preset over default (30)
+    assert cfg.train.patience == 6  # preset over default (30)
     assert cfg.train.epochs == 7  # file over preset
     assert cfg.train.lr == 0.005  # option over file
     assert cfg.data.image_size == 192  # --set over option
     assert cfg.seed == 0  # an option left as None does not override
-    assert cfg.train.batch_size_unlabeled == 32  # preset, nothing later
+    assert cfg.train.batch_size_unlabeled == 16  # preset, nothing later
     assert cfg.ssl.method == "sup"  # default
     assert loaded.explicit["train.epochs"].startswith("config file")
     assert loaded.explicit["train.lr"] == "option"

@@ -122,14 +122,12 @@ class EMATeacher(AveragedModel):
 
     ``n_averaged`` counts updates (the first update copies the student). The engine checkpoints
     the inner network (``.module``); the update count travels in the ssl task's state.
+    ``n_averaged`` stays a CPU tensor and :meth:`update` reads it there: AveragedModel's own
+    ``update_parameters`` copies it to the GPU and reads it back, a device sync every step.
     """
 
     def __init__(self, student: nn.Module, decay: float):
-        def multi_avg(avg: list[torch.Tensor], cur: list[torch.Tensor], n: torch.Tensor) -> None:
-            w = 1.0 - ema_decay_at(int(n), decay)
-            torch._foreach_lerp_(avg, cur, w)
-
-        super().__init__(student, multi_avg_fn=multi_avg, use_buffers=False)
+        super().__init__(student, use_buffers=False)
         self.decay = decay
         self.module.requires_grad_(False)
         self.eval()
@@ -140,7 +138,20 @@ class EMATeacher(AveragedModel):
 
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
-        self.update_parameters(getattr(student, "_orig_mod", student))
+        """teacher <- lerp(teacher, student, 1 - decay(n)) (a copy at n = 0); buffers copied."""
+        student = getattr(student, "_orig_mod", student)
+        n = int(self.n_averaged)
+        mine = [p.detach() for p in self.module.parameters()]
+        theirs = [p.detach() for p in student.parameters()]
+        if len(mine) != len(theirs):
+            raise ValueError(f"EMA teacher has {len(mine)} parameters, the student {len(theirs)}")
+        if n == 0:
+            torch._foreach_copy_(mine, theirs)
+        elif mine:
+            torch._foreach_lerp_(mine, theirs, 1.0 - ema_decay_at(n, self.decay))
+        for b_t, b_s in zip(self.module.buffers(), student.buffers(), strict=True):
+            b_t.copy_(b_s)
+        self.n_averaged += 1
 
     def train(self, mode: bool = True) -> "EMATeacher":
         """The teacher always predicts in eval mode (BatchNorm uses the copied running stats)."""
