@@ -127,10 +127,12 @@ class Variant:
     cpu_wait: list[float] = field(default_factory=list)  # next(), CPU seconds
     rounds: list[tuple[int, int]] = field(default_factory=list)  # (start, end) index per round
     peak_mem: int = 0
+    log: Any = None  # qgseg.engine.TermLog: reads the logged terms back as the engine does
 
 
 def build_variants(args, device: torch.device) -> dict[str, Variant]:
     from qgseg.config import load_config
+    from qgseg.engine import TermLog
     from qgseg.methods import get_method
     from qgseg.models import build_quality_net, build_segmenter
     from qgseg.quality import QualityPredictor
@@ -178,7 +180,8 @@ def build_variants(args, device: torch.device) -> dict[str, Variant]:
         for mod in task.modules.values():
             mod.train()
         batches = iter(task.batches(1, torch.Generator().manual_seed(0)))
-        out[label] = Variant(label, task, opt, params, batches, task.bs_l + (task.bs_u if uses_unl else 0))
+        out[label] = Variant(label, task, opt, params, batches, task.bs_l + (task.bs_u if uses_unl else 0),
+                             log=TermLog(device))
     return out
 
 
@@ -197,7 +200,8 @@ def train_step(v: Variant, device: torch.device, precision: str) -> tuple[float,
     t1, c1 = time.perf_counter(), time.process_time()
     with autocast(device, precision):
         loss, terms = v.task.loss(batch, 1, v.step)
-    if not torch.isfinite(loss.detach()).all():
+    v.log.add(loss, terms)
+    if v.log.due(v.step) and v.log.first_nonfinite() is not None:  # as the engine: lazily on CUDA
         raise RuntimeError(f"{v.label}: loss is not finite")
     v.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -205,9 +209,7 @@ def train_step(v: Variant, device: torch.device, precision: str) -> tuple[float,
     v.opt.step()
     v.step += 1
     v.task.after_step(v.step)
-    for val in terms.values():
-        float(val)
-    float(loss.detach())  # the engine's progress line reads the loss too
+    v.log.info(1)  # the engine's progress line (reads the terms back every step on the CPU only)
     _sync(device)
     t2, c2 = time.perf_counter(), time.process_time()
     return t1 - t0, t2 - t0, c1 - c0, c2 - c0

@@ -328,6 +328,7 @@ def train_quality(
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Maximum epochs (quality.epochs).")] = None,
     k: Annotated[Optional[int], typer.Option("--k", help="Corrupted masks per training image (K).")] = None,
     weights_file: Annotated[Optional[str], typer.Option("--weights-file", help="Local pretrained weights for the backbone.")] = None,
+    resample: Annotated[Optional[bool], typer.Option("--resample/--no-resample", help="Fresh corruptions every epoch after the first (quality.resample; cpu preset: on).")] = None,
     image_size: SizeOpt = None,
     config: ConfigOpt = None, preset: PresetOpt = None, sets: SetOpt = None, out: OutOpt = None,
     seed: SeedOpt = None, device: DeviceOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False,
@@ -338,8 +339,8 @@ def train_quality(
 
     ctx = _setup(preset, config, sets, {"data.labeled": labeled, "corrupt.run": corrupt_run, "weak.run": weak,
                                         "quality.backbone": backbone, "quality.epochs": epochs, "corrupt.k": k,
-                                        "quality.weights_file": weights_file, "data.image_size": image_size,
-                                        "seed": seed, "device": device}, json_out, quiet, debug)
+                                        "quality.weights_file": weights_file, "quality.resample": resample,
+                                        "data.image_size": image_size, "seed": seed, "device": device}, json_out, quiet, debug)
     from qgseg.phase1 import run_train_quality
 
     run, summary = run_train_quality(ctx.loaded, out=out, resume=resume, reporter=Reporter(quiet=quiet))

@@ -63,6 +63,8 @@ class QualityConfig:
     grad_clip: float = 1.0
     pretrained: bool = False
     weights_file: str = ""
+    loss_beta: float = 1.0  # SmoothL1 beta (1.0 = torch's default; small values approach L1, i.e. MAE)
+    resample: bool = False  # fresh corruptions of the training masks every epoch (D_Q is epoch 1's)
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "quality.weight_decay": (lambda v: v >= 0, "a number >= 0"),
     "quality.patience": (lambda v: v >= 1, "an integer >= 1"),
     "quality.grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
+    "quality.loss_beta": (lambda v: v > 0, "a number > 0"),
     "ssl.method": (lambda v: v in _method_names(), lambda: "one of " + ", ".join(_method_names())),
     "ssl.lambda_final": (lambda v: v >= 0, "a number >= 0"),
     "ssl.warmup": (lambda v: v >= 0, "an integer >= 0"),

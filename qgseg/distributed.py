@@ -99,11 +99,26 @@ def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
     if not active() or not values:
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t)
     t /= world_size()
     return {k: float(v) for k, v in zip(keys, t.tolist())}
 
+
+def any_process(flag: bool) -> bool:
+    """True on every process when ``flag`` is true on any of them (so all stop together)."""
+    if not active():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _comm_device() -> torch.device:
+    """Where small tensors for a collective must live: NCCL only reduces CUDA tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def cleanup() -> None:

@@ -8,6 +8,7 @@ fixed by the split seed, so every g trained on the same split is judged on the s
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from qgseg import data as D
 from qgseg import distributed
 from qgseg.config import Config, load_run_config
 from qgseg.corrupt import CorruptedSet, corrupt_dataset, load_set, save_set
-from qgseg.engine import Engine, FitSettings, load_checkpoint, load_modules, resolve_device
+from qgseg.engine import Engine, FitSettings, fused_optimizer, load_checkpoint, load_modules, resolve_device
 from qgseg.errors import InputError
 from qgseg.metrics import regression_metrics
 from qgseg.report import Reporter
@@ -147,38 +148,65 @@ def load_dq(run: Run, cfg: Config, splits: dict[str, list[str]]) -> dict[str, Co
 # ---------------------------------------------------------------------------------------------
 # g training
 # ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Resample:
+    """Fresh corruptions of the training masks for every epoch after the first (quality.resample):
+    the same K, p_weak and weak-model masks as D_Q, seeded by (seed, epoch) so a resumed run
+    draws the same sets."""
+    masks: np.ndarray  # (N, H, W) ground truth of the training cases, in D_Q's case order
+    weak: np.ndarray | None  # (C, N, H, W) Type 2 masks of the same cases, or None
+    k: int
+    p_weak: float
+    seed: int
+
+    def draw(self, epoch: int) -> CorruptedSet:
+        from qgseg.engine import epoch_seed
+
+        return corrupt_dataset(self.masks, self.k, epoch_seed(self.seed, epoch, 2), weak=self.weak,
+                               p_weak=self.p_weak)
+
+
 class QualityTask:
     monitor = "val_loss"
     mode = "min"
     best_modules = ("g",)
 
     def __init__(self, g, data: D.LabeledData, case_index: dict[str, np.ndarray],
-                 sets: dict[str, CorruptedSet], batch_size: int, device: torch.device):
+                 sets: dict[str, CorruptedSet], batch_size: int, device: torch.device,
+                 resample: Resample | None = None, beta: float = 1.0):
         self.g = g
+        self.beta = beta  # SmoothL1's beta: 1.0 (torch's default, the paper's loss) is MSE / 2 on [0, 1]
         self.modules = {"g": g}
         self.images = torch.from_numpy(data.images)
         self.case_index = case_index  # split -> data row of each case of the split
         self.sets = sets
-        self.train_masks = torch.from_numpy(sets["train"].masks)
-        self.train_dice = torch.from_numpy(sets["train"].dice.astype(np.float32))
-        self.train_rows = torch.from_numpy(case_index["train"][sets["train"].case])
+        self.resample = resample
+        self._use(sets["train"])
         self.bs = min(batch_size, len(sets["train"]))
         self.device = device
+
+    def _use(self, cs: CorruptedSet) -> None:
+        self.train_masks = torch.from_numpy(cs.masks)
+        self.train_dice = torch.from_numpy(cs.dice.astype(np.float32))
+        self.train_rows = torch.from_numpy(self.case_index["train"][cs.case])
 
     def steps_per_epoch(self) -> int:
         return max(1, len(self.sets["train"]) // (self.bs * distributed.world_size()))
 
     def batches(self, epoch: int, generator: torch.Generator):
+        if self.resample is not None:  # epoch 1 trains on D_Q itself, later epochs on fresh draws
+            self._use(self.sets["train"] if epoch == 1 else self.resample.draw(epoch))
         for b in D.index_batches(len(self.train_rows), self.bs, generator):
-            x = D.to_float_images(self.images[self.train_rows[b]])
-            m = D.to_float_masks(self.train_masks[b])
+            # uint8 to the device, then float and flips there (4x fewer bytes over the bus)
+            x = D.to_float_images(self.images[self.train_rows[b]].to(self.device, non_blocking=True))
+            m = D.to_float_masks(self.train_masks[b].to(self.device, non_blocking=True))
             x, m = D.random_flip_rot(x, m, generator=generator)
-            yield x.to(self.device), m.to(self.device), self.train_dice[b].to(self.device)
+            yield x, m, self.train_dice[b].to(self.device, non_blocking=True)
 
     def loss(self, batch, epoch: int, step: int):
         x, m, y = batch
-        loss = F.smooth_l1_loss(self.g(x, m).float(), y)
-        return loss, {"loss": float(loss.detach())}
+        loss = F.smooth_l1_loss(self.g(x, m).float(), y, beta=self.beta)
+        return loss, {"loss": loss.detach()}
 
     def after_step(self, step: int) -> None:
         pass
@@ -186,7 +214,7 @@ class QualityTask:
     def evaluate(self, epoch: int) -> dict[str, float]:
         pred = predict_quality(self.g, self.images, self.case_index["val"], self.sets["val"], self.device)
         true = self.sets["val"].dice.astype(np.float64)
-        loss = float(F.smooth_l1_loss(torch.from_numpy(pred), torch.from_numpy(true)))
+        loss = float(F.smooth_l1_loss(torch.from_numpy(pred), torch.from_numpy(true), beta=self.beta))
         r = regression_metrics(pred, true)
         return {"val_loss": loss, "val_mae": r["mae"], "val_pearson": r["pearson"]}
 
@@ -276,22 +304,34 @@ def run_train_quality(loaded, out: Path | str | None = None, resume: bool = Fals
     run, cfg, resuming = start_run("train-quality", loaded, out, resume, device=str(device))
     with run.guard():
         data, splits = _labeled_and_splits(cfg, run)
+        k, p_weak = cfg.corrupt.k, cfg.corrupt.p_weak
         if cfg.corrupt.run:
             src = resolve_link(cfg.corrupt.run, cfg.runs_root, "corrupt", "--corrupt")
             sets, weak_run = load_dq(src, cfg, splits), src.summary.get("weak_run", "")
+            src_cfg = load_run_config(src.path)
+            k, p_weak = src_cfg.corrupt.k, src_cfg.corrupt.p_weak
+            weak = None
+            if cfg.quality.resample and weak_run and p_weak > 0:  # later epochs draw from the same weak run
+                from qgseg.weak import load_weak_predictions
+                wrun = resolve_link(weak_run, cfg.runs_root, "train-weak", f"--corrupt {src.path}: its weak run")
+                weak, _ = load_weak_predictions(wrun, data.stems, data.image_size, "--corrupt")
         else:
             weak, weak_run = weak_predictions(cfg, data, "weak.run" in loaded.explicit)
             sets = build_dq(cfg, data, splits, weak)
         pos = {s: i for i, s in enumerate(data.stems)}
         rows = {s: np.array([pos[x] for x in v]) for s, v in splits.items()}
+        resample = None
+        if cfg.quality.resample:
+            resample = Resample(data.masks[rows["train"]], weak[:, rows["train"]] if weak is not None else None,
+                                k, p_weak, cfg.seed)
         q = cfg.quality
         g = (g if g is not None else _build_g(cfg)).to(device)
         if cfg.train.channels_last:
             g = g.to(memory_format=torch.channels_last)
         run.update_meta(parameters={"g": count_parameters(g)}, data=str(data.root), weak_run=weak_run,
                         dq={s: len(c) for s, c in sets.items()})
-        task = QualityTask(g, data, rows, sets, q.batch_size, device)
-        opt = torch.optim.AdamW(g.parameters(), lr=q.lr, weight_decay=q.weight_decay)
+        task = QualityTask(g, data, rows, sets, q.batch_size, device, resample, q.loss_beta)
+        opt = torch.optim.AdamW(g.parameters(), lr=q.lr, weight_decay=q.weight_decay, **fused_optimizer(device))
         sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=10, T_mult=2, eta_min=1e-6)
         settings = FitSettings(epochs=q.epochs, patience=q.patience, seed=cfg.seed, grad_clip=q.grad_clip,
                                precision=cfg.train.precision, lr_key="quality.lr")

@@ -24,7 +24,7 @@ from torch import nn
 from qgseg import data as D
 from qgseg import distributed
 from qgseg.config import Config
-from qgseg.engine import Engine, FitSettings, infinite, load_checkpoint, load_modules, resolve_device
+from qgseg.engine import Engine, FitSettings, fused_optimizer, infinite, load_checkpoint, load_modules, resolve_device
 from qgseg.errors import InputError
 from qgseg.evaluate import evaluate_predictions, predict_probs, summarise
 from qgseg.methods import Context, Method, get_method, qw_methods, ramp_weight
@@ -156,12 +156,13 @@ class SSLTask:
             yield x.contiguous(memory_format=mf), y, xu
 
     # -- loss ---------------------------------------------------------------------------------
-    def loss(self, batch: Any, epoch: int, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Any, epoch: int, step: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The step's loss and its terms (0-d tensors or floats; the engine reads them back lazily)."""
         x, y, xu = batch
         lam, lam_q = self.lambda_unsup(epoch), self.lambda_qar(epoch)
         sup = self.method.supervised_loss(self.model, self.extras, x, y)
         total = sup
-        terms: dict[str, float] = {"sup": float(sup.detach()), "unsup": NAN, "qar": NAN, "lambda": lam,
+        terms: dict[str, Any] = {"sup": sup.detach(), "unsup": NAN, "qar": NAN, "lambda": lam,
                                    "lambda_qar": lam_q, "qw_mean": NAN, "qw_nonzero": NAN}
         out = None
         if lam > 0 and xu is not None:
@@ -170,10 +171,10 @@ class SSLTask:
             out = self.method.unlabeled(Context(self.model, self.extras, self.cfg, epoch, ramp), xu)
             unsup, weights = self._reduce(out.parts)
             total = total + lam * unsup
-            terms["unsup"] = float(unsup.detach())
+            terms["unsup"] = unsup.detach()
             if weights is not None:
-                terms["qw_mean"] = float(weights.mean())
-                terms["qw_nonzero"] = float((weights > 0).float().mean())
+                terms["qw_mean"] = weights.detach().mean()
+                terms["qw_nonzero"] = (weights > 0).float().mean()
             terms.update(out.terms)
         if lam_q > 0 and xu is not None:
             assert self.quality is not None
@@ -181,8 +182,8 @@ class SSLTask:
             qar = torch.stack([self.quality.qar_loss(img, torch.sigmoid(logits.float())).mean()
                                for img, logits in pairs]).mean()
             total = total + lam_q * qar
-            terms["qar"] = float(qar.detach())
-        terms["total"] = float(total.detach())
+            terms["qar"] = qar.detach()
+        terms["total"] = total.detach()
         return total, terms
 
     def _reduce(self, parts) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -235,7 +236,7 @@ def build_optimizer(task: SSLTask, cfg: Config) -> tuple[torch.optim.Optimizer, 
     """AdamW over f and the method's trained extras; cosine over train.epochs (eta_min 1e-6)."""
     trained = [task.model] + [task.extras[k] for k in task.method.trained]
     opt = torch.optim.AdamW([p for m in trained for p in m.parameters() if p.requires_grad], lr=cfg.train.lr,
-                            weight_decay=cfg.train.weight_decay)
+                            weight_decay=cfg.train.weight_decay, **fused_optimizer(task.device))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.train.epochs, eta_min=ETA_MIN)
     return opt, sched
 

@@ -17,7 +17,7 @@ import torch
 
 from qgseg import data as D
 from qgseg.corrupt import dice_batch
-from qgseg.engine import Engine, FitSettings, resolve_device, save_checkpoint
+from qgseg.engine import Engine, FitSettings, fused_optimizer, resolve_device, save_checkpoint
 from qgseg.errors import InputError
 from qgseg.evaluate import predict_probs
 from qgseg.losses import dice_only_loss
@@ -61,7 +61,7 @@ class WeakTask:
     def loss(self, batch, epoch: int, step: int):
         x, y = batch
         loss = dice_only_loss(self.model(x), y).mean()
-        return loss, {"loss": float(loss.detach())}
+        return loss, {"loss": loss.detach()}
 
     def after_step(self, step: int) -> None:
         pass
@@ -106,7 +106,7 @@ def run_train_weak(loaded, out: Path | str | None = None, resume: bool = False,
         model = model.to(device)
         run.update_meta(parameters={"model": count_parameters(model)}, data=str(data.root))
         task = WeakTask(model, data, train_idx, val_idx, w.batch_size, device, run, w.epochs_at)
-        opt = torch.optim.Adam(model.parameters(), lr=w.lr)
+        opt = torch.optim.Adam(model.parameters(), lr=w.lr, **fused_optimizer(device))
         epochs = max(w.epochs_at)
         settings = FitSettings(epochs=epochs, patience=epochs + 1, seed=cfg.seed, grad_clip=0.0,
                                precision=cfg.train.precision, lr_key="weak.lr")

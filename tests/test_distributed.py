@@ -73,3 +73,16 @@ def test_torchrun_two_processes_ssl(synth_data, tmp_path):
     test = D.load_labeled(synth_data / "labeled", 32).subset(splits["test"])
     df = evaluate_predictions(test, predict_probs(model, test.images, torch.device("cpu")), with_hd95=False)
     assert np.allclose(df["dsc"].to_numpy(), cases["dsc"].to_numpy(), atol=1e-6)
+
+
+def test_torchrun_nan_on_one_process_stops_every_process(tmp_path):
+    """Rank 1 alone sees a NaN loss: both ranks raise at the same step instead of rank 0 hanging."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE", NO_ALBUMENTATIONS_UPDATE="1")
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None)
+    worker = os.path.join(os.path.dirname(__file__), "dist_nan_worker.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker,
+           str(tmp_path)]
+    res = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = sorted(line for line in res.stdout.splitlines() if line.startswith(("0 ", "1 ")))
+    assert lines == ["0 diverged True", "1 diverged True"], res.stdout[-2000:]

@@ -90,7 +90,7 @@ def one_step(task: SSLTask, epoch: int = 1):
     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
     opt.step()
     task.after_step(1)
-    return loss, terms
+    return loss, {k: float(v) for k, v in terms.items()}  # the engine reads tensors back the same way
 
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

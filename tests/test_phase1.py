@@ -131,3 +131,43 @@ def test_quality_report_metrics_match_hand_computation():
     assert out["zero_image_mae_increase"] == pytest.approx(0.0)
     assert np.isnan(out["pearson"])  # constant prediction
     assert list(table["stem"]) == data.stems
+
+
+def test_resample_draws_fresh_seeded_sets_and_keeps_dq_for_epoch_1():
+    from qgseg.corrupt import corrupt_dataset, dice
+    from qgseg.phase1 import Resample
+
+    rng = np.random.default_rng(0)
+    masks = np.zeros((3, 24, 24), np.uint8)
+    for i in range(3):
+        masks[i, 4 + i:16 + i, 5:18 - i] = 1
+    weak = (rng.random((2, 3, 24, 24)) > 0.5).astype(np.uint8)
+    r = Resample(masks, weak, k=4, p_weak=0.3, seed=7)
+    e2, e2_again, e3 = r.draw(2), r.draw(2), r.draw(3)
+    assert np.array_equal(e2.masks, e2_again.masks) and np.array_equal(e2.dice, e2_again.dice)
+    assert not np.array_equal(e2.masks, e3.masks)  # a new draw each epoch
+    assert len(e2) == 12 and list(e2.case) == [0] * 4 + [1] * 4 + [2] * 4
+    for j in range(len(e2)):  # every label is the Dice of its own mask against its own case
+        assert e2.dice[j] == pytest.approx(dice(e2.masks[j], masks[e2.case[j]]))
+    # D_Q itself (seed 7) is not one of the later epochs' draws
+    assert not np.array_equal(corrupt_dataset(masks, 4, 7, weak=weak, p_weak=0.3).masks, e2.masks)
+
+
+def test_train_quality_resample_trains_on_new_masks(synth_data, tmp_path, monkeypatch):
+    from qgseg import phase1
+
+    seen = []
+    orig = phase1.QualityTask._use
+
+    def spy(self, cs):
+        seen.append(cs.masks.copy())
+        return orig(self, cs)
+
+    monkeypatch.setattr(phase1.QualityTask, "_use", spy)
+    run, summary = run_train_quality(_loaded(synth_data, tmp_path, ["quality.resample=true", "corrupt.p_weak=0.0",
+                                                                     "quality.epochs=3"]))
+    assert run.status == "completed" and summary["epochs_run"] == 3
+    # __init__ and epoch 1 use D_Q; epochs 2 and 3 each get their own draw of the same size
+    assert len(seen) == 4 and np.array_equal(seen[0], seen[1])
+    assert seen[2].shape == seen[0].shape and not np.array_equal(seen[2], seen[0])
+    assert not np.array_equal(seen[3], seen[2])

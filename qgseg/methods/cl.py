@@ -69,7 +69,7 @@ def unlabeled(ctx: Context, x: torch.Tensor) -> Step:
     logits, feats = ctx.model.forward_features(x)
     contrast = local_contrastive(ctx.modules["proj"](feats), pl)
     loss = seg_loss(logits, pl) + WEIGHT * contrast
-    return Step([Part(loss, pl, x)], student=[(x, logits)], terms={"contrast": float(contrast.mean().detach())})
+    return Step([Part(loss, pl, x)], student=[(x, logits)], terms={"contrast": contrast.mean().detach()})
 
 
 METHOD = Method("cl", "EMA-teacher pseudolabels + local prototype contrastive loss", unlabeled,

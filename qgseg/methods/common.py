@@ -45,7 +45,7 @@ class Step:
     parts: list[Part] = field(default_factory=list)
     # (image, student logits) pairs QAR can reuse; None = the task runs f(x_u) itself
     student: list[tuple[torch.Tensor, torch.Tensor]] | None = None
-    terms: dict[str, float] = field(default_factory=dict)  # extra logged values
+    terms: dict[str, Any] = field(default_factory=dict)  # extra logged values (floats or 0-d tensors)
 
 
 @dataclass

@@ -38,7 +38,7 @@ def unlabeled(ctx: Context, x: torch.Tensor) -> Step:
     pl_b = hard(torch.sigmoid(b.detach().float()))
     return Step([Part(seg_loss(a, pl_b), pl_b, x), Part(seg_loss(b, pl_a), pl_a, x)],
                 student=[(x, a), (x, b)],
-                terms={"agreement": float((pl_a == pl_b).float().mean())})
+                terms={"agreement": (pl_a == pl_b).float().mean()})
 
 
 METHOD = Method("cps", "cross pseudo supervision between two networks", unlabeled, build=build,

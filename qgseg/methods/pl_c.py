@@ -22,7 +22,7 @@ def unlabeled(ctx: Context, x: torch.Tensor) -> Step:
     w = conf.pow(TEMPERATURE) * (conf >= ctx.cfg.ssl.confidence).float()
     loss = w * seg_loss(logits, pl)
     return Step([Part(loss, pl, x)], student=[(x, logits)],
-                terms={"sample_conf": float(conf.mean()), "conf_kept": float((w > 0).float().mean())})
+                terms={"sample_conf": conf.mean(), "conf_kept": (w > 0).float().mean()})
 
 
 METHOD = Method("pl-c", "self pseudolabels, l_seg weighted by sample confidence", unlabeled)

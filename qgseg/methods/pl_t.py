@@ -18,7 +18,7 @@ def unlabeled(ctx: Context, x: torch.Tensor) -> Step:
     confident = torch.maximum(p, 1 - p) > ctx.cfg.ssl.confidence
     loss = bce_loss(logits, pl, valid=confident)
     return Step([Part(loss, pl, x)], student=[(x, logits)],
-                terms={"confident_frac": float(confident.float().mean())})
+                terms={"confident_frac": confident.float().mean()})
 
 
 METHOD = Method("pl-t", "self pseudolabels, BCE on confident pixels", unlabeled)

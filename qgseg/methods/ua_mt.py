@@ -24,7 +24,7 @@ def unlabeled(ctx: Context, x: torch.Tensor) -> Step:
     certain = uncertainty < (0.75 + 0.25 * ctx.ramp) * LN2
     logits = ctx.model(x)
     return Step([Part(mse_prob_loss(logits, p_t, valid=certain), hard(p_t), x)], student=[(x, logits)],
-                terms={"certain_frac": float(certain.float().mean())})
+                terms={"certain_frac": certain.float().mean()})
 
 
 METHOD = Method("ua-mt", "uncertainty-aware mean teacher (8 noisy teacher passes)", unlabeled,
