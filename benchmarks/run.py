@@ -201,7 +201,7 @@ def train_step(v: Variant, device: torch.device, precision: str) -> tuple[float,
     with autocast(device, precision):
         loss, terms = v.task.loss(batch, 1, v.step)
     v.log.add(loss, terms)
-    if v.log.due(v.step) and v.log.first_nonfinite() is not None:  # as the engine: lazily on CUDA
+    if v.log.due() and v.log.first_nonfinite() is not None:  # as the engine: lazily on CUDA
         raise RuntimeError(f"{v.label}: loss is not finite")
     v.opt.zero_grad(set_to_none=True)
     loss.backward()

@@ -335,18 +335,18 @@ def stop_children(grace: float = 3.0, wait: float = 120.0) -> None:
 
 
 def _stop(procs: list[subprocess.Popen], grace: float = 3.0, wait: float = 120.0) -> None:
-    deadline = time.time() + grace
+    _wait_then(procs, grace, subprocess.Popen.terminate)
+    _wait_then(procs, wait, subprocess.Popen.kill)
+
+
+def _wait_then(procs: list[subprocess.Popen], seconds: float, escalate) -> None:
+    """Wait up to ``seconds`` in all for the processes to end; ``escalate`` each one still running."""
+    deadline = time.time() + seconds
     for proc in procs:
         try:
             proc.wait(timeout=max(0.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            proc.terminate()
-    deadline = time.time() + wait
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            escalate(proc)
 
 
 def _prereq(adir: Run, stage: str, config_file: Path, sets: list[str], env: dict[str, str],

@@ -336,7 +336,7 @@ class Engine:
             with autocast(self.device, self.s.precision):
                 loss, terms = self.task.loss(batch, epoch, self.step)
             terms_log.add(loss, terms)
-            if terms_log.due(self.step):  # on CUDA every SYNC_EVERY steps, not every step
+            if terms_log.due():  # on CUDA every SYNC_EVERY steps, not every step
                 self._check_loss(terms_log, epoch)
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
@@ -396,28 +396,27 @@ class TermLog:
         self.steps += 1
         self.pending.append((self.steps, loss.detach(), terms))
 
-    def due(self, step: int) -> bool:
+    def due(self) -> bool:
         return not self.lazy or len(self.pending) >= SYNC_EVERY
 
     def _flush(self) -> None:
         if not self.pending:
             return
-        keys = sorted({k for _, _, t in self.pending for k in t})
-        rows = []
+        # every pending tensor (each step's loss, then its tensor terms in dict order) in one copy
+        flat = []
         for _, loss, terms in self.pending:
-            vals = [loss.float().reshape(())]
-            for k in keys:
-                v = terms.get(k, math.nan)
-                vals.append(v.detach().float().reshape(()) if torch.is_tensor(v)
-                            else torch.tensor(float(v), device=loss.device))
-            rows.append(torch.stack(vals))
-        host = torch.stack(rows).cpu().tolist()  # the one host read of these steps
-        for (step, _, _), row in zip(self.pending, host):
-            if self.bad is None and not math.isfinite(row[0]):
-                self.bad = (step, row[0])
-            for k, v in zip(keys, row[1:]):
-                self.sums[k] = self.sums.get(k, 0.0) + v
-            self.last_loss = row[0]
+            flat.append(loss)
+            flat += [v for v in terms.values() if torch.is_tensor(v)]
+        values = iter(torch.stack([t.detach().float().reshape(()) for t in flat]).cpu().tolist())
+        keys = sorted({k for _, _, t in self.pending for k in t})
+        for step, _, terms in self.pending:
+            loss = next(values)
+            if self.bad is None and not math.isfinite(loss):
+                self.bad = (step, loss)
+            self.last_loss = loss
+            got = {k: next(values) if torch.is_tensor(v) else float(v) for k, v in terms.items()}
+            for k in keys:  # a term missing from a step makes its mean NaN
+                self.sums[k] = self.sums.get(k, 0.0) + got.get(k, math.nan)
         self.n += len(self.pending)
         self.pending = []
 

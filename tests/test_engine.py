@@ -29,13 +29,13 @@ def test_termlog_means_over_steps_with_tensors_and_floats():
 
 def test_termlog_reads_back_lazily_on_cuda_and_eagerly_on_cpu():
     cpu, cuda = E.TermLog(torch.device("cpu")), E.TermLog(torch.device("cuda"))  # only the type matters
-    assert cpu.due(0)
+    assert cpu.due()
     _feed(cuda, [1.0] * (E.SYNC_EVERY - 1))
-    assert not cuda.due(0) and len(cuda.pending) == E.SYNC_EVERY - 1 and cuda.n == 0
+    assert not cuda.due() and len(cuda.pending) == E.SYNC_EVERY - 1 and cuda.n == 0
     cuda.info(1)  # the progress line does not force a read on CUDA
     assert len(cuda.pending) == E.SYNC_EVERY - 1
     _feed(cuda, [1.0])
-    assert cuda.due(0)
+    assert cuda.due()
     assert cuda.first_nonfinite() is None and cuda.pending == [] and cuda.n == E.SYNC_EVERY
 
 
