@@ -65,6 +65,8 @@ class QualityConfig:
     weights_file: str = ""
     loss_beta: float = 1.0  # SmoothL1 beta (1.0 = torch's default; small values approach L1, i.e. MAE)
     resample: bool = False  # fresh corruptions of the training masks every epoch (D_Q is epoch 1's)
+    masks_per_epoch: int = 0  # cap on training masks per epoch, a random share each epoch (0 = all)
+    input_size: int = 0  # side length g resizes its inputs to (0 = data.image_size); D_Q stays at data size
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,9 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "quality.patience": (lambda v: v >= 1, "an integer >= 1"),
     "quality.grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
     "quality.loss_beta": (lambda v: v > 0, "a number > 0"),
+    "quality.masks_per_epoch": (lambda v: v >= 0, "an integer >= 0 (0 = all of D_Q's training masks)"),
+    "quality.input_size": (lambda v: v == 0 or (v >= 32 and v % 32 == 0),
+                           "0 (the data's image size) or a multiple of 32, at least 32"),
     "ssl.method": (lambda v: v in _method_names(), lambda: "one of " + ", ".join(_method_names())),
     "ssl.lambda_final": (lambda v: v >= 0, "a number >= 0"),
     "ssl.warmup": (lambda v: v >= 0, "an integer >= 0"),

@@ -297,7 +297,7 @@ def _evaluate_quality(run: Any, rcfg: Any, data: LabeledData, rows: np.ndarray, 
     spec = (ck.get("specs") or {}).get("g")
     if not spec or "g" not in (ck.get("modules") or {}):
         raise InputError(f"{ck_path}: holds no quality predictor 'g'")
-    g = build_quality_net(backbone=spec["backbone"])
+    g = build_quality_net(backbone=spec["backbone"], input_size=spec.get("input_size", 0))
     load_modules({"g": g}, ck["modules"], str(ck_path))
     g.to(device).eval()
     weak, note = None, ""

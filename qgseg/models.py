@@ -15,6 +15,7 @@ from pathlib import Path
 import segmentation_models_pytorch as smp
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qgseg.errors import InputError, QgsegError
@@ -305,13 +306,16 @@ class QualityNet(nn.Module):
     pooling, Dropout(0.15) -> Linear(F,256) -> ReLU -> Dropout(0.075) -> Linear(256,1) -> sigmoid.
     The head keeps PyTorch's default Linear init: Kaiming fan-out init saturates the sigmoid from
     random init and g collapses to a constant (see DESIGN, Phase 1 facts).
-    `QualityNet(**spec)` rebuilds the architecture.
+    `input_size` > 0 resizes image and mask to that side length first (area averaging down,
+    bilinear up), so g can work at a lower resolution than the data: a mask becomes the share
+    of each coarse pixel it covers. `QualityNet(**spec)` rebuilds the architecture.
     """
 
-    def __init__(self, backbone: str = "resnet18", in_chans: int = 4) -> None:
+    def __init__(self, backbone: str = "resnet18", in_chans: int = 4, input_size: int = 0) -> None:
         super().__init__()
         _check_timm_backbone(backbone)
-        self.spec = {"backbone": backbone, "in_chans": in_chans}
+        self.spec = {"backbone": backbone, "in_chans": in_chans, "input_size": input_size}
+        self.input_size = input_size
         self.backbone = timm.create_model(backbone, in_chans=in_chans, num_classes=0, pretrained=False)
         # the pooled width is not always num_features (MobileNetV3's conv head widens it): measure it
         with torch.no_grad():
@@ -324,6 +328,9 @@ class QualityNet(nn.Module):
     def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) normalised image, (B,1,H,W) mask in [0,1] -> (B,) predicted Dice in (0,1)."""
         x = torch.cat((image, mask.to(image.dtype)), dim=1)
+        if self.input_size and x.shape[-2:] != (self.input_size, self.input_size):
+            down = x.shape[-1] > self.input_size
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="area" if down else "bilinear")
         return torch.sigmoid(self.head(self.backbone(x))).squeeze(1)
 
 
@@ -336,7 +343,8 @@ def _check_timm_backbone(backbone: str) -> None:
 
 
 def build_quality_net(
-    backbone: str = "resnet18", pretrained: bool = False, weights_file: str = "", in_chans: int = 4
+    backbone: str = "resnet18", pretrained: bool = False, weights_file: str = "", in_chans: int = 4,
+    input_size: int = 0,
 ) -> QualityNet:
     """Build g with a timm backbone (`timm.create_model(backbone, in_chans=4, num_classes=0)`).
 
@@ -346,7 +354,7 @@ def build_quality_net(
     keeps its fresh init. `pretrained=True` fetches timm's 3-channel weights from the hub (needs
     internet) and adapts them the same way. Unknown backbone -> InputError.
     """
-    model = QualityNet(backbone, in_chans)
+    model = QualityNet(backbone, in_chans, input_size)
     if pretrained:
         try:
             src = timm.create_model(backbone, pretrained=True, num_classes=0)

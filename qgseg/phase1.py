@@ -158,12 +158,15 @@ class Resample:
     k: int
     p_weak: float
     seed: int
+    max_masks: int = 0  # quality.masks_per_epoch: draw no more than K per case an epoch can use
 
     def draw(self, epoch: int) -> CorruptedSet:
         from qgseg.engine import epoch_seed
 
-        return corrupt_dataset(self.masks, self.k, epoch_seed(self.seed, epoch, 2), weak=self.weak,
-                               p_weak=self.p_weak)
+        k = self.k
+        if self.max_masks:
+            k = min(k, -(-self.max_masks // len(self.masks)))
+        return corrupt_dataset(self.masks, k, epoch_seed(self.seed, epoch, 2), weak=self.weak, p_weak=self.p_weak)
 
 
 class QualityTask:
@@ -172,10 +175,11 @@ class QualityTask:
     best_modules = ("g",)
 
     def __init__(self, g, data: D.LabeledData, case_index: dict[str, np.ndarray],
-                 sets: dict[str, CorruptedSet], batch_size: int, device: torch.device,
-                 resample: Resample | None = None, beta: float = 1.0):
+                 sets: dict[str, CorruptedSet], batch_size: int, device: torch.device, *,
+                 resample: Resample | None = None, beta: float = 1.0, masks_per_epoch: int = 0):
         self.g = g
         self.beta = beta  # SmoothL1's beta: 1.0 (torch's default, the paper's loss) is MSE / 2 on [0, 1]
+        self.masks_per_epoch = masks_per_epoch  # 0 = every training mask each epoch
         self.modules = {"g": g}
         self.images = torch.from_numpy(data.images)
         self.case_index = case_index  # split -> data row of each case of the split
@@ -191,12 +195,15 @@ class QualityTask:
         self.train_rows = torch.from_numpy(self.case_index["train"][cs.case])
 
     def steps_per_epoch(self) -> int:
-        return max(1, len(self.sets["train"]) // (self.bs * distributed.world_size()))
+        n = len(self.sets["train"])
+        if self.masks_per_epoch:  # a fixed budget: larger data sets see a random share each epoch
+            n = min(n, self.masks_per_epoch)
+        return max(1, n // (self.bs * distributed.world_size()))
 
     def batches(self, epoch: int, generator: torch.Generator):
         if self.resample is not None:  # epoch 1 trains on D_Q itself, later epochs on fresh draws
             self._use(self.sets["train"] if epoch == 1 else self.resample.draw(epoch))
-        for b in D.index_batches(len(self.train_rows), self.bs, generator):
+        for b in D.index_batches(len(self.train_rows), self.bs, generator)[:self.steps_per_epoch()]:
             # uint8 to the device, then float and flips there (4x fewer bytes over the bus)
             x = D.to_float_images(self.images[self.train_rows[b]].to(self.device, non_blocking=True))
             m = D.to_float_masks(self.train_masks[b].to(self.device, non_blocking=True))
@@ -283,7 +290,8 @@ def _build_g(cfg: Config) -> torch.nn.Module:
 
     q = cfg.quality
     torch.manual_seed(cfg.seed)
-    return build_quality_net(q.backbone, pretrained=q.pretrained, weights_file=q.weights_file)
+    return build_quality_net(q.backbone, pretrained=q.pretrained, weights_file=q.weights_file,
+                             input_size=q.input_size)
 
 
 def run_train_quality(loaded, out: Path | str | None = None, resume: bool = False,
@@ -323,14 +331,15 @@ def run_train_quality(loaded, out: Path | str | None = None, resume: bool = Fals
         resample = None
         if cfg.quality.resample:
             resample = Resample(data.masks[rows["train"]], weak[:, rows["train"]] if weak is not None else None,
-                                k, p_weak, cfg.seed)
+                                k, p_weak, cfg.seed, cfg.quality.masks_per_epoch)
         q = cfg.quality
         g = (g if g is not None else _build_g(cfg)).to(device)
         if cfg.train.channels_last:
             g = g.to(memory_format=torch.channels_last)
         run.update_meta(parameters={"g": count_parameters(g)}, data=str(data.root), weak_run=weak_run,
                         dq={s: len(c) for s, c in sets.items()})
-        task = QualityTask(g, data, rows, sets, q.batch_size, device, resample, q.loss_beta)
+        task = QualityTask(g, data, rows, sets, q.batch_size, device, resample=resample, beta=q.loss_beta,
+                           masks_per_epoch=q.masks_per_epoch)
         opt = torch.optim.AdamW(g.parameters(), lr=q.lr, weight_decay=q.weight_decay, **fused_optimizer(device))
         sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=10, T_mult=2, eta_min=1e-6)
         settings = FitSettings(epochs=q.epochs, patience=q.patience, seed=cfg.seed, grad_clip=q.grad_clip,
@@ -351,8 +360,10 @@ def run_train_quality(loaded, out: Path | str | None = None, resume: bool = Fals
                               categories=table["category"].tolist(),
                               title=f"g on test: MAE {metrics['mae']:.3f}, Pearson {metrics['pearson']:.3f}")
         summary = {"run": str(run.path), "stage": "train-quality", "image_size": cfg.data.image_size,
-                   "backbone": q.backbone, "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
+                   "backbone": q.backbone, "g_input_size": q.input_size or cfg.data.image_size,
+                   "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
                    "stopped_early": fit.stopped_early, "train_seconds": round(fit.seconds, 1),
+                   "train_masks_seen": fit.epochs_run * task.steps_per_epoch() * task.bs * distributed.world_size(),
                    **{f"test_{k}": v for k, v in metrics.items()},
                    "test_mae_by_category": {k: float(v) for k, v in per_cat["mae"].items()}}
         run.write_summary(summary)

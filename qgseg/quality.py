@@ -48,7 +48,7 @@ class QualityPredictor:
         spec = ck.get("specs", {}).get("g")
         if not spec or "g" not in ck.get("modules", {}):
             raise InputError(f"{option} {run.path}: best.pt holds no quality predictor 'g'")
-        net = build_quality_net(backbone=spec["backbone"])
+        net = build_quality_net(backbone=spec["backbone"], input_size=spec.get("input_size", 0))
         try:
             net.load_state_dict(ck["modules"]["g"])
         except RuntimeError as e:

@@ -193,6 +193,8 @@ def test_int_is_accepted_for_float_keys(tmp_path):
     ("seed=-1", "seed"),
     ("weak.epochs_at=3,1", "weak.epochs_at"),
     ("train.lr=nan", "train.lr"),
+    ("quality.input_size=48", "quality.input_size"),
+    ("quality.input_size=16", "quality.input_size"),
 ])
 def test_out_of_range(tmp_path, item, key):
     with pytest.raises(InputError) as e:
@@ -209,7 +211,8 @@ def test_range_error_names_the_file_that_set_it(tmp_path):
 
 
 @pytest.mark.parametrize("item", ["corrupt.p_weak=0", "corrupt.p_weak=1", "data.image_size=32",
-                                  "device=cuda:1", "device=cpu", "corrupt.k=1"])
+                                  "device=cuda:1", "device=cpu", "corrupt.k=1",
+                                  "quality.input_size=0", "quality.input_size=32"])
 def test_range_edges_accepted(tmp_path, item):
     _load(tmp_path, sets=[item])
 

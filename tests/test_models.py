@@ -1,6 +1,7 @@
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 from qgseg.errors import InputError
 from qgseg.models import (
@@ -146,7 +147,7 @@ def test_segmenter_weights_file_whole_model_and_encoder(tmp_path):
 def test_quality_net_output_range_shape_and_mask_gradient():
     torch.manual_seed(0)
     g = build_quality_net("resnet18")
-    assert isinstance(g, QualityNet) and g.spec == {"backbone": "resnet18", "in_chans": 4}
+    assert isinstance(g, QualityNet) and g.spec == {"backbone": "resnet18", "in_chans": 4, "input_size": 0}
     assert g.backbone.conv1.in_channels == 4
     assert [type(m).__name__ for m in g.head] == ["Dropout", "Linear", "ReLU", "Dropout", "Linear"]
     assert g.head[0].p == 0.15 and g.head[3].p == 0.075 and g.head[1].in_features == 512
@@ -159,6 +160,26 @@ def test_quality_net_output_range_shape_and_mask_gradient():
     assert mask.grad is not None and mask.grad.abs().sum() > 0
     # Default Linear init: the random-init head does not saturate the sigmoid.
     assert torch.all((q > 0.05) & (q < 0.95))
+
+
+def test_quality_net_input_size_resizes_image_and_mask_first():
+    torch.manual_seed(0)
+    small = build_quality_net("resnet18", input_size=32).eval()
+    full = build_quality_net("resnet18").eval()
+    full.load_state_dict(small.state_dict())  # same weights; only the resize differs
+    assert small.spec["input_size"] == 32 and QualityNet(**small.spec).input_size == 32
+    image = torch.randn(2, 3, 64, 64)
+    mask = torch.zeros(2, 1, 64, 64)
+    mask[:, :, :32, :31] = 1.0
+    mask.requires_grad_(True)
+    q = small(image, mask)
+    # area averaging: a 2x2 block becomes its mean, so an odd-width mask turns soft at its edge
+    ref = full(F.avg_pool2d(image, 2), F.avg_pool2d(mask.detach(), 2))
+    assert torch.allclose(q, ref, atol=1e-6)
+    assert not torch.allclose(q, full(image, mask.detach()), atol=1e-3)
+    q.sum().backward()  # QAR needs gradients through the resize into the mask
+    assert mask.grad.abs().sum() > 0
+    assert torch.allclose(small(F.avg_pool2d(image, 2), F.avg_pool2d(mask.detach(), 2)), ref, atol=1e-6)
 
 
 def test_quality_net_weights_file_adapts_three_channel_conv(tmp_path):

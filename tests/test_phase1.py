@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from qgseg.cli import app
@@ -151,6 +152,10 @@ def test_resample_draws_fresh_seeded_sets_and_keeps_dq_for_epoch_1():
         assert e2.dice[j] == pytest.approx(dice(e2.masks[j], masks[e2.case[j]]))
     # D_Q itself (seed 7) is not one of the later epochs' draws
     assert not np.array_equal(corrupt_dataset(masks, 4, 7, weak=weak, p_weak=0.3).masks, e2.masks)
+    # under a masks_per_epoch cap an epoch draws only the corruptions per case it can use
+    capped = Resample(masks, weak, k=4, p_weak=0.3, seed=7, max_masks=5).draw(2)
+    assert list(capped.case) == [0, 0, 1, 1, 2, 2]
+    assert len(Resample(masks, weak, k=4, p_weak=0.3, seed=7, max_masks=100).draw(2)) == 12
 
 
 def test_train_quality_resample_trains_on_new_masks(synth_data, tmp_path, monkeypatch):
@@ -171,3 +176,45 @@ def test_train_quality_resample_trains_on_new_masks(synth_data, tmp_path, monkey
     assert len(seen) == 4 and np.array_equal(seen[0], seen[1])
     assert seen[2].shape == seen[0].shape and not np.array_equal(seen[2], seen[0])
     assert not np.array_equal(seen[3], seen[2])
+
+
+def test_train_quality_input_size_g_works_at_its_own_resolution(synth_data, tmp_path):
+    from qgseg.quality import QualityPredictor
+
+    run, summary = run_train_quality(_loaded(synth_data, tmp_path, ["data.image_size=64", "quality.input_size=32",
+                                                                     "corrupt.p_weak=0.0", "quality.epochs=1"]))
+    assert run.status == "completed"
+    assert summary["image_size"] == 64 and summary["g_input_size"] == 32
+    n_train = len(json.loads((run.path / "splits.json").read_text())["train"])
+    assert summary["train_masks_seen"] == 3 * n_train // 8 * 8  # 1 epoch of K = 3 masks per case, batch 8
+    table = pd.read_csv(run.path / "test_predictions.csv")
+    assert table["pred"].between(0, 1).all()
+    # ssl and evaluate at the data's 64 px get a g that resizes to 32 px itself
+    g = QualityPredictor.from_run(run, 64)
+    assert g.net.input_size == 32 and g.image_size == 64
+    x, m = torch.randn(2, 3, 64, 64), torch.ones(2, 1, 64, 64)
+    assert torch.allclose(g.score(x, m), g.score(F.avg_pool2d(x, 2), F.avg_pool2d(m, 2)), atol=1e-6)
+
+
+def test_masks_per_epoch_caps_the_steps_and_draws_a_new_share_each_epoch():
+    from qgseg.phase1 import QualityTask
+
+    n, h = 6, 16  # 6 cases, 4 masks each, every image one grey level that tells its case
+    images = np.repeat(40 * np.arange(n, dtype=np.uint8), h * h * 3).reshape(n, h, h, 3)
+    data = type("Data", (), {"images": images, "masks": np.ones((n, h, h), np.uint8)})()
+    cs = CorruptedSet(case=np.repeat(np.arange(n), 4).astype(np.int32), masks=np.ones((4 * n, h, h), np.uint8),
+                      dice=np.ones(4 * n, np.float32), category=["identity"] * 4 * n, ops=[""] * 4 * n)
+
+    def task(**options):
+        return QualityTask(torch.nn.Identity(), data, {"train": np.arange(n)}, {"train": cs}, 4,
+                           torch.device("cpu"), **options)
+
+    full = task()
+    assert full.steps_per_epoch() == 6 and len(list(full.batches(1, torch.Generator().manual_seed(0)))) == 6
+    capped, gen = task(masks_per_epoch=8), torch.Generator().manual_seed(0)
+    epochs = []
+    for epoch in (1, 2):
+        batches = list(capped.batches(epoch, gen))
+        assert capped.steps_per_epoch() == 2 and len(batches) == 2 and all(len(b[2]) == 4 for b in batches)
+        epochs.append(torch.cat([b[0][:, 0, 0, 0] for b in batches]))  # the grey level tells the case
+    assert not torch.equal(epochs[0], epochs[1])
