@@ -288,7 +288,7 @@ def _evaluate_quality(run: Any, rcfg: Any, data: LabeledData, rows: np.ndarray, 
     from qgseg.corrupt import corrupt_dataset
     from qgseg.engine import load_checkpoint, load_modules
     from qgseg.metrics import regression_metrics
-    from qgseg.models import build_quality_net
+    from qgseg.models import QualityNet
     from qgseg.phase1 import SPLIT_SALT, quality_report
     from qgseg.runs import Run
 
@@ -297,7 +297,7 @@ def _evaluate_quality(run: Any, rcfg: Any, data: LabeledData, rows: np.ndarray, 
     spec = (ck.get("specs") or {}).get("g")
     if not spec or "g" not in (ck.get("modules") or {}):
         raise InputError(f"{ck_path}: holds no quality predictor 'g'")
-    g = build_quality_net(backbone=spec["backbone"], input_size=spec.get("input_size", 0))
+    g = QualityNet(**spec)  # the architecture as saved
     load_modules({"g": g}, ck["modules"], str(ck_path))
     g.to(device).eval()
     weak, note = None, ""

@@ -33,7 +33,7 @@ class QualityPredictor:
         """Load g from a completed train-quality run (its best checkpoint)."""
         from qgseg.config import load_run_config
         from qgseg.engine import load_checkpoint
-        from qgseg.models import build_quality_net
+        from qgseg.models import QualityNet
 
         run = run if isinstance(run, Run) else Run(run)
         if run.status != "completed":
@@ -48,7 +48,7 @@ class QualityPredictor:
         spec = ck.get("specs", {}).get("g")
         if not spec or "g" not in ck.get("modules", {}):
             raise InputError(f"{option} {run.path}: best.pt holds no quality predictor 'g'")
-        net = build_quality_net(backbone=spec["backbone"], input_size=spec.get("input_size", 0))
+        net = QualityNet(**spec)  # the architecture as saved
         try:
             net.load_state_dict(ck["modules"]["g"])
         except RuntimeError as e:
