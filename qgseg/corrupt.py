@@ -76,6 +76,27 @@ def dice_batch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
+# lesion-free images (quality.p_lesion_free)
+
+
+def remove_lesions(images: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """The images with their lesions painted out: (N,H,W,3) uint8 and (N,H,W) ground truth ->
+    (N,H,W,3) uint8 where each lesion, grown by a margin (kernel 15 at 224 px), is filled in
+    from the surrounding skin (OpenCV's Telea inpainting). Their true masks are empty."""
+    images = np.asarray(images)
+    masks = np.asarray(masks)
+    if images.ndim != 4 or images.shape[-1] != 3 or masks.shape != images.shape[:3]:
+        raise ValueError(f"remove_lesions: expected (N,H,W,3) images and (N,H,W) masks, got "
+                         f"{images.shape} and {masks.shape}")
+    out = np.empty_like(images, dtype=np.uint8)
+    for i, (im, m) in enumerate(zip(images, masks)):
+        m = _as_mask(m)
+        grown = cv2.dilate(m, np.ones((_kernel(15, m),) * 2, np.uint8))
+        out[i] = cv2.inpaint(np.ascontiguousarray(im, dtype=np.uint8), grown, _radius(11, m), cv2.INPAINT_TELEA)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # helpers
 
 

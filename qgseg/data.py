@@ -454,6 +454,21 @@ def to_float_images(x: torch.Tensor) -> torch.Tensor:
     return (x - _MEAN.to(x.device)) / _STD.to(x.device)
 
 
+def random_color(x: torch.Tensor, strength: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-sample colour jitter of normalised (B, 3, H, W) images, batched: brightness, contrast
+    (about the image's mean grey level) and saturation (towards the pixel's grey level), each a
+    factor drawn uniformly from [1 - strength, 1 + strength]; pixel values are clipped to [0, 1]."""
+    mean, std = _MEAN.to(x.device, x.dtype), _STD.to(x.device, x.dtype)
+    luma = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    f = (1 + strength * (2 * torch.rand(3, x.shape[0], 1, 1, 1, generator=generator) - 1)).to(x.device, x.dtype)
+    rgb = (x * std + mean) * f[0]
+    level = (rgb * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    rgb = (rgb - level) * f[1] + level
+    grey = (rgb * luma).sum(1, keepdim=True)
+    rgb = (rgb - grey) * f[2] + grey
+    return (rgb.clamp(0, 1) - mean) / std
+
+
 def to_float_masks(m: torch.Tensor) -> torch.Tensor:
     """uint8 (B, H, W) {0, 1} -> float (B, 1, H, W)."""
     return m.unsqueeze(1).float()

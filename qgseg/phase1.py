@@ -176,7 +176,8 @@ class QualityTask:
 
     def __init__(self, g, data: D.LabeledData, case_index: dict[str, np.ndarray],
                  sets: dict[str, CorruptedSet], batch_size: int, device: torch.device, *,
-                 resample: Resample | None = None, beta: float = 1.0, masks_per_epoch: int = 0):
+                 resample: Resample | None = None, beta: float = 1.0, masks_per_epoch: int = 0,
+                 p_lesion_free: float = 0.0, color_jitter: float = 0.0):
         self.g = g
         self.beta = beta  # SmoothL1's beta: 1.0 (torch's default, the paper's loss) is MSE / 2 on [0, 1]
         self.masks_per_epoch = masks_per_epoch  # 0 = every training mask each epoch
@@ -185,6 +186,14 @@ class QualityTask:
         self.case_index = case_index  # split -> data row of each case of the split
         self.sets = sets
         self.resample = resample
+        self.p_lesion_free = p_lesion_free
+        self.color_jitter = color_jitter
+        if p_lesion_free:  # the training images with their lesions painted out (their true mask is empty)
+            from qgseg.corrupt import remove_lesions
+            train = case_index["train"]
+            free = data.images.copy()
+            free[train] = remove_lesions(data.images[train], data.masks[train])
+            self.free_images = torch.from_numpy(free)
         self._use(sets["train"])
         self.bs = min(batch_size, len(sets["train"]))
         self.device = device
@@ -205,10 +214,18 @@ class QualityTask:
             self._use(self.sets["train"] if epoch == 1 else self.resample.draw(epoch))
         for b in D.index_batches(len(self.train_rows), self.bs, generator)[:self.steps_per_epoch()]:
             # uint8 to the device, then float and flips there (4x fewer bytes over the bus)
-            x = D.to_float_images(self.images[self.train_rows[b]].to(self.device, non_blocking=True))
+            rows, y = self.train_rows[b], self.train_dice[b]
+            images = self.images[rows]
+            if self.p_lesion_free:  # a share of masks on the lesion-free image: Dice vs an empty mask
+                free = torch.rand(len(b), generator=generator) < self.p_lesion_free
+                images = torch.where(free[:, None, None, None], self.free_images[rows], images)
+                y = torch.where(free, (self.train_masks[b].flatten(1).amax(1) == 0).float(), y)
+            x = D.to_float_images(images.to(self.device, non_blocking=True))
             m = D.to_float_masks(self.train_masks[b].to(self.device, non_blocking=True))
             x, m = D.random_flip_rot(x, m, generator=generator)
-            yield x, m, self.train_dice[b].to(self.device, non_blocking=True)
+            if self.color_jitter:
+                x = D.random_color(x, self.color_jitter, generator)
+            yield x, m, y.to(self.device, non_blocking=True)
 
     def loss(self, batch, epoch: int, step: int):
         x, m, y = batch
@@ -339,7 +356,8 @@ def run_train_quality(loaded, out: Path | str | None = None, resume: bool = Fals
         run.update_meta(parameters={"g": count_parameters(g)}, data=str(data.root), weak_run=weak_run,
                         dq={s: len(c) for s, c in sets.items()})
         task = QualityTask(g, data, rows, sets, q.batch_size, device, resample=resample, beta=q.loss_beta,
-                           masks_per_epoch=q.masks_per_epoch)
+                           masks_per_epoch=q.masks_per_epoch, p_lesion_free=q.p_lesion_free,
+                           color_jitter=q.color_jitter)
         opt = torch.optim.AdamW(g.parameters(), lr=q.lr, weight_decay=q.weight_decay, **fused_optimizer(device))
         sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=10, T_mult=2, eta_min=1e-6)
         settings = FitSettings(epochs=q.epochs, patience=q.patience, seed=cfg.seed, grad_clip=q.grad_clip,

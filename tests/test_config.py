@@ -195,6 +195,9 @@ def test_int_is_accepted_for_float_keys(tmp_path):
     ("train.lr=nan", "train.lr"),
     ("quality.input_size=48", "quality.input_size"),
     ("quality.input_size=16", "quality.input_size"),
+    ("quality.p_lesion_free=1", "quality.p_lesion_free"),
+    ("quality.p_lesion_free=-0.1", "quality.p_lesion_free"),
+    ("quality.color_jitter=1.5", "quality.color_jitter"),
 ])
 def test_out_of_range(tmp_path, item, key):
     with pytest.raises(InputError) as e:
@@ -212,7 +215,9 @@ def test_range_error_names_the_file_that_set_it(tmp_path):
 
 @pytest.mark.parametrize("item", ["corrupt.p_weak=0", "corrupt.p_weak=1", "data.image_size=32",
                                   "device=cuda:1", "device=cpu", "corrupt.k=1",
-                                  "quality.input_size=0", "quality.input_size=32"])
+                                  "quality.input_size=0", "quality.input_size=32",
+                                  "quality.p_lesion_free=0", "quality.p_lesion_free=0.99",
+                                  "quality.color_jitter=0", "quality.color_jitter=0.5"])
 def test_range_edges_accepted(tmp_path, item):
     _load(tmp_path, sets=[item])
 

@@ -364,3 +364,25 @@ def test_plots(tmp_path: Path):
               corruption_examples(None, masks[0], corrupt_dataset(masks[:1], 3, 0), tmp_path / "one.png"),
               dice_histogram(cs.dice, tmp_path / "h.png", by_category=cs.category)]:
         assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_remove_lesions_paints_the_lesion_out_and_keeps_the_rest():
+    from qgseg.corrupt import remove_lesions
+
+    h = 64
+    yy, xx = np.mgrid[:h, :h]
+    lesion = ((yy - 30) ** 2 + (xx - 34) ** 2 < 12 ** 2).astype(np.uint8)
+    skin = np.array([200, 160, 140], np.uint8)
+    image = np.broadcast_to(skin, (h, h, 3)).copy()
+    image[lesion == 1] = (70, 40, 30)
+    image[:4, :4] = (0, 255, 0)  # a marker far from the lesion
+    out = remove_lesions(image[None], lesion[None])
+    assert out.shape == (1, h, h, 3) and out.dtype == np.uint8
+    inside = out[0][lesion == 1].astype(float)
+    assert np.abs(inside.mean(0) - skin).max() < 10  # the dark lesion became skin
+    far = cv2.dilate(lesion, np.ones((15, 15), np.uint8)) == 0
+    assert np.array_equal(out[0][far], image[far])  # pixels away from the lesion are untouched
+    # an image without lesion comes back unchanged; wrong shapes are refused
+    assert np.array_equal(remove_lesions(image[None], np.zeros((1, h, h), np.uint8))[0], image)
+    with pytest.raises(ValueError, match="remove_lesions"):
+        remove_lesions(image, lesion)

@@ -480,3 +480,19 @@ def test_grayscale_and_rgba_images_load_as_rgb(tmp_path):
     assert np.array_equal(data.images[1], img)
     assert np.abs(data.images[2].astype(int) - img).mean() < 20
     assert D.read_image(root / "images" / "c01.png").shape == (48, 48, 3)
+
+
+def test_random_color_jitters_each_sample_and_keeps_flat_images_flat():
+    from qgseg.data import random_color, to_float_images
+
+    u = torch.randint(0, 256, (1, 16, 16, 3), dtype=torch.uint8).repeat(6, 1, 1, 1)
+    x = to_float_images(u)
+    assert torch.allclose(random_color(x, 0.0), x, atol=1e-5)  # strength 0: unchanged
+    y = random_color(x, 0.3, torch.Generator().manual_seed(0))
+    assert torch.equal(y, random_color(x, 0.3, torch.Generator().manual_seed(0)))  # seeded
+    assert len({round(float(v), 4) for v in (y - x).abs().mean((1, 2, 3))}) == 6  # own factors per sample
+    rgb = y * torch.tensor(D.IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(D.IMAGENET_MEAN).view(1, 3, 1, 1)
+    assert rgb.min() >= -1e-5 and rgb.max() <= 1 + 1e-5  # valid pixel values
+    flat = to_float_images(torch.full((4, 8, 8, 3), 150, dtype=torch.uint8))
+    out = random_color(flat, 0.5, torch.Generator().manual_seed(1))
+    assert torch.allclose(out, out[:, :, :1, :1].expand_as(out), atol=1e-5)  # no structure is created

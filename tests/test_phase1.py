@@ -218,3 +218,64 @@ def test_masks_per_epoch_caps_the_steps_and_draws_a_new_share_each_epoch():
         assert capped.steps_per_epoch() == 2 and len(batches) == 2 and all(len(b[2]) == 4 for b in batches)
         epochs.append(torch.cat([b[0][:, 0, 0, 0] for b in batches]))  # the grey level tells the case
     assert not torch.equal(epochs[0], epochs[1])
+
+
+def test_p_lesion_free_shows_a_share_of_masks_on_lesion_free_images_with_target_dice_vs_empty():
+    from qgseg.phase1 import QualityTask
+
+    n, h, k = 4, 32, 50
+    yy, xx = np.mgrid[:h, :h]
+    gt = np.stack([((yy - 16) ** 2 + (xx - 12 - 2 * i) ** 2 < 64).astype(np.uint8) for i in range(n)])
+    images = np.full((n, h, h, 3), 200, np.uint8)
+    images[gt == 1] = 40  # dark lesions on bright skin
+    data = type("Data", (), {"images": images, "masks": gt})()
+    masks = np.repeat(gt, k, axis=0)
+    masks[::5] = 0  # every fifth training mask is empty: Dice vs the empty truth is 1 there
+    cs = CorruptedSet(case=np.repeat(np.arange(n), k).astype(np.int32), masks=masks,
+                      dice=np.full(n * k, 0.8, np.float32), category=["identity"] * n * k, ops=[""] * n * k)
+    task = QualityTask(torch.nn.Identity(), data, {"train": np.arange(n)}, {"train": cs}, 20,
+                       torch.device("cpu"), p_lesion_free=0.3)
+    x, m, y = (torch.cat(t) for t in zip(*task.batches(1, torch.Generator().manual_seed(0))))
+    dark = (x.mean(1) < -1).flatten(1).any(1)  # the lesion's dark pixels are still in the image
+    free = ~dark
+    assert 0.2 < free.float().mean() < 0.4  # about p_lesion_free of the masks
+    empty = m.flatten(1).amax(1) == 0
+    assert torch.equal(y[dark], torch.full_like(y[dark], 0.8))  # normal masks keep their Dice
+    assert torch.equal(y[free], empty[free].float())  # lesion-free: 0, or 1 for an empty mask
+    assert (y[free] == 1).any() and (y[free] == 0).any()
+    # off by default: no lesion-free images, and the generator's draws are those of before
+    plain = QualityTask(torch.nn.Identity(), data, {"train": np.arange(n)}, {"train": cs}, 20, torch.device("cpu"))
+    _, _, y0 = (torch.cat(t) for t in zip(*plain.batches(1, torch.Generator().manual_seed(0))))
+    assert torch.equal(y0, torch.full_like(y0, 0.8))
+
+
+def test_train_quality_with_lesion_free_images_end_to_end(synth_data, tmp_path, monkeypatch):
+    from qgseg import corrupt
+
+    seen = []
+    orig = corrupt.remove_lesions
+    monkeypatch.setattr(corrupt, "remove_lesions", lambda im, m: seen.append(len(im)) or orig(im, m))
+    run, summary = run_train_quality(_loaded(synth_data, tmp_path, ["quality.p_lesion_free=0.5", "corrupt.p_weak=0.0",
+                                                                     "quality.epochs=1"]))
+    assert run.status == "completed" and np.isfinite(summary["test_mae"])
+    assert seen == [len(json.loads((run.path / "splits.json").read_text())["train"])]  # the training cases only
+
+
+def test_color_jitter_changes_only_the_training_images():
+    from qgseg.phase1 import QualityTask
+
+    n, h = 4, 16
+    rng = np.random.default_rng(0)
+    data = type("Data", (), {"images": rng.integers(0, 256, (n, h, h, 3), dtype=np.uint8),
+                             "masks": np.ones((n, h, h), np.uint8)})()
+    cs = CorruptedSet(case=np.repeat(np.arange(n), 2).astype(np.int32), masks=rng.integers(0, 2, (2 * n, h, h), dtype=np.uint8),
+                      dice=rng.random(2 * n).astype(np.float32), category=["single"] * 2 * n, ops=[""] * 2 * n)
+
+    def batch(**options):
+        task = QualityTask(torch.nn.Identity(), data, {"train": np.arange(n)}, {"train": cs}, 8, torch.device("cpu"),
+                           **options)
+        return next(iter(task.batches(1, torch.Generator().manual_seed(0))))
+
+    (x0, m0, y0), (x1, m1, y1) = batch(), batch(color_jitter=0.3)
+    assert torch.equal(m0, m1) and torch.equal(y0, y1)  # same masks, flips and targets
+    assert (x0 - x1).abs().flatten(1).mean(1).min() > 0.01  # every image got its own colour change
