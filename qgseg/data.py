@@ -446,6 +446,7 @@ def describe(data: LabeledData) -> dict:
 # ----------------------------------------------------------------------------------------
 _MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 _STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+_LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # grey level of an RGB pixel (ITU-R BT.601)
 
 
 def to_float_images(x: torch.Tensor) -> torch.Tensor:
@@ -459,7 +460,7 @@ def random_color(x: torch.Tensor, strength: float, generator: torch.Generator | 
     (about the image's mean grey level) and saturation (towards the pixel's grey level), each a
     factor drawn uniformly from [1 - strength, 1 + strength]; pixel values are clipped to [0, 1]."""
     mean, std = _MEAN.to(x.device, x.dtype), _STD.to(x.device, x.dtype)
-    luma = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    luma = _LUMA.to(x.device, x.dtype)
     f = (1 + strength * (2 * torch.rand(3, x.shape[0], 1, 1, 1, generator=generator) - 1)).to(x.device, x.dtype)
     rgb = (x * std + mean) * f[0]
     level = (rgb * luma).sum(1, keepdim=True).mean((2, 3), keepdim=True)

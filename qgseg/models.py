@@ -315,7 +315,6 @@ class QualityNet(nn.Module):
         super().__init__()
         _check_timm_backbone(backbone)
         self.spec = {"backbone": backbone, "in_chans": in_chans, "input_size": input_size}
-        self.input_size = input_size
         self.backbone = timm.create_model(backbone, in_chans=in_chans, num_classes=0, pretrained=False)
         # the pooled width is not always num_features (MobileNetV3's conv head widens it): measure it
         with torch.no_grad():
@@ -324,6 +323,10 @@ class QualityNet(nn.Module):
         self.head = nn.Sequential(
             nn.Dropout(0.15), nn.Linear(width, 256), nn.ReLU(inplace=True), nn.Dropout(0.075), nn.Linear(256, 1)
         )
+
+    @property
+    def input_size(self) -> int:
+        return self.spec["input_size"]
 
     def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) normalised image, (B,1,H,W) mask in [0,1] -> (B,) predicted Dice in (0,1)."""

@@ -196,18 +196,26 @@ def test_train_quality_input_size_g_works_at_its_own_resolution(synth_data, tmp_
     assert torch.allclose(g.score(x, m), g.score(F.avg_pool2d(x, 2), F.avg_pool2d(m, 2)), atol=1e-6)
 
 
-def test_masks_per_epoch_caps_the_steps_and_draws_a_new_share_each_epoch():
+def _bare_task(images, gt, masks, dice, batch_size, **options):
+    """A QualityTask over hand-made cases (all of them training cases, K masks each) with g = identity."""
     from qgseg.phase1 import QualityTask
 
+    n = len(images)
+    k = len(masks) // n
+    cs = CorruptedSet(case=np.repeat(np.arange(n), k).astype(np.int32), masks=masks, dice=dice,
+                      category=["single"] * len(masks), ops=[""] * len(masks))
+    data = type("Data", (), {"images": images, "masks": gt})()
+    return QualityTask(torch.nn.Identity(), data, {"train": np.arange(n)}, {"train": cs}, batch_size,
+                       torch.device("cpu"), **options)
+
+
+def test_masks_per_epoch_caps_the_steps_and_draws_a_new_share_each_epoch():
     n, h = 6, 16  # 6 cases, 4 masks each, every image one grey level that tells its case
     images = np.repeat(40 * np.arange(n, dtype=np.uint8), h * h * 3).reshape(n, h, h, 3)
-    data = type("Data", (), {"images": images, "masks": np.ones((n, h, h), np.uint8)})()
-    cs = CorruptedSet(case=np.repeat(np.arange(n), 4).astype(np.int32), masks=np.ones((4 * n, h, h), np.uint8),
-                      dice=np.ones(4 * n, np.float32), category=["identity"] * 4 * n, ops=[""] * 4 * n)
 
     def task(**options):
-        return QualityTask(torch.nn.Identity(), data, {"train": np.arange(n)}, {"train": cs}, 4,
-                           torch.device("cpu"), **options)
+        return _bare_task(images, np.ones((n, h, h), np.uint8), np.ones((4 * n, h, h), np.uint8),
+                          np.ones(4 * n, np.float32), 4, **options)
 
     full = task()
     assert full.steps_per_epoch() == 6 and len(list(full.batches(1, torch.Generator().manual_seed(0)))) == 6
@@ -221,20 +229,15 @@ def test_masks_per_epoch_caps_the_steps_and_draws_a_new_share_each_epoch():
 
 
 def test_p_lesion_free_shows_a_share_of_masks_on_lesion_free_images_with_target_dice_vs_empty():
-    from qgseg.phase1 import QualityTask
-
     n, h, k = 4, 32, 50
     yy, xx = np.mgrid[:h, :h]
     gt = np.stack([((yy - 16) ** 2 + (xx - 12 - 2 * i) ** 2 < 64).astype(np.uint8) for i in range(n)])
     images = np.full((n, h, h, 3), 200, np.uint8)
     images[gt == 1] = 40  # dark lesions on bright skin
-    data = type("Data", (), {"images": images, "masks": gt})()
     masks = np.repeat(gt, k, axis=0)
     masks[::5] = 0  # every fifth training mask is empty: Dice vs the empty truth is 1 there
-    cs = CorruptedSet(case=np.repeat(np.arange(n), k).astype(np.int32), masks=masks,
-                      dice=np.full(n * k, 0.8, np.float32), category=["identity"] * n * k, ops=[""] * n * k)
-    task = QualityTask(torch.nn.Identity(), data, {"train": np.arange(n)}, {"train": cs}, 20,
-                       torch.device("cpu"), p_lesion_free=0.3)
+    dice = np.full(n * k, 0.8, np.float32)
+    task = _bare_task(images, gt, masks, dice, 20, p_lesion_free=0.3)
     x, m, y = (torch.cat(t) for t in zip(*task.batches(1, torch.Generator().manual_seed(0))))
     dark = (x.mean(1) < -1).flatten(1).any(1)  # the lesion's dark pixels are still in the image
     free = ~dark
@@ -244,7 +247,7 @@ def test_p_lesion_free_shows_a_share_of_masks_on_lesion_free_images_with_target_
     assert torch.equal(y[free], empty[free].float())  # lesion-free: 0, or 1 for an empty mask
     assert (y[free] == 1).any() and (y[free] == 0).any()
     # off by default: no lesion-free images, and the generator's draws are those of before
-    plain = QualityTask(torch.nn.Identity(), data, {"train": np.arange(n)}, {"train": cs}, 20, torch.device("cpu"))
+    plain = _bare_task(images, gt, masks, dice, 20)
     _, _, y0 = (torch.cat(t) for t in zip(*plain.batches(1, torch.Generator().manual_seed(0))))
     assert torch.equal(y0, torch.full_like(y0, 0.8))
 
@@ -262,18 +265,13 @@ def test_train_quality_with_lesion_free_images_end_to_end(synth_data, tmp_path, 
 
 
 def test_color_jitter_changes_only_the_training_images():
-    from qgseg.phase1 import QualityTask
-
     n, h = 4, 16
     rng = np.random.default_rng(0)
-    data = type("Data", (), {"images": rng.integers(0, 256, (n, h, h, 3), dtype=np.uint8),
-                             "masks": np.ones((n, h, h), np.uint8)})()
-    cs = CorruptedSet(case=np.repeat(np.arange(n), 2).astype(np.int32), masks=rng.integers(0, 2, (2 * n, h, h), dtype=np.uint8),
-                      dice=rng.random(2 * n).astype(np.float32), category=["single"] * 2 * n, ops=[""] * 2 * n)
+    images, masks = rng.integers(0, 256, (n, h, h, 3), dtype=np.uint8), rng.integers(0, 2, (2 * n, h, h), dtype=np.uint8)
+    dice = rng.random(2 * n).astype(np.float32)
 
     def batch(**options):
-        task = QualityTask(torch.nn.Identity(), data, {"train": np.arange(n)}, {"train": cs}, 8, torch.device("cpu"),
-                           **options)
+        task = _bare_task(images, np.ones((n, h, h), np.uint8), masks, dice, 8, **options)
         return next(iter(task.batches(1, torch.Generator().manual_seed(0))))
 
     (x0, m0, y0), (x1, m1, y1) = batch(), batch(color_jitter=0.3)
