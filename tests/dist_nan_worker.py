@@ -1,7 +1,8 @@
 """Run by tests/test_distributed.py under torchrun: rank 1 alone sees a NaN loss at step 2.
 
 Every rank must raise TrainingDiverged at that step (no rank may be left waiting in the gradient
-all-reduce). Prints one line per rank: "<rank> diverged <step>" or "<rank> finished".
+all-reduce). Each rank writes its outcome to <out>/outcome-<rank>.txt ("diverged True|False" or
+"finished"); a file per rank, because the ranks' prints to one shared stdout can interleave.
 """
 from __future__ import annotations
 
@@ -53,9 +54,10 @@ def main(out: str) -> None:
     opt = torch.optim.SGD(task.m.parameters(), lr=0.01)
     try:
         E.Engine(run, task, opt, None, E.FitSettings(epochs=2, patience=5, seed=0), torch.device("cpu")).fit()
-        print(f"{rank} finished", flush=True)
+        outcome = "finished"
     except TrainingDiverged as e:
-        print(f"{rank} diverged {'step 2' in str(e)}", flush=True)
+        outcome = f"diverged {'step 2' in str(e)}"
+    (Path(out) / f"outcome-{rank}.txt").write_text(outcome)
     distributed.cleanup()
 
 
