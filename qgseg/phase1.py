@@ -240,7 +240,10 @@ class QualityTask:
         true = self.sets["val"].dice.astype(np.float64)
         loss = float(F.smooth_l1_loss(torch.from_numpy(pred), torch.from_numpy(true), beta=self.beta))
         r = regression_metrics(pred, true)
-        return {"val_loss": loss, "val_mae": r["mae"], "val_pearson": r["pearson"]}
+        ground = grounding_checks(self.g, self.images, self.case_index["val"], self.sets["val"], self.device, true)
+        return {"val_loss": loss, "val_mae": r["mae"], "val_pearson": r["pearson"],
+                "val_zero_image_mae_increase": ground["mae_zero_image"] - r["mae"],
+                "val_shuffled_image_mae_increase": ground["mae_shuffled_image"] - r["mae"]}
 
 
 @torch.no_grad()
@@ -275,18 +278,26 @@ def predict_quality(g, images: torch.Tensor, case_rows: np.ndarray, cs: Corrupte
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
 
 
+def grounding_checks(g, images: torch.Tensor, rows: np.ndarray, cs: CorruptedSet, device: torch.device,
+                     true: np.ndarray) -> dict[str, Any]:
+    """g's MAE with the image zeroed and with each mask on another case's image, and those predictions."""
+    zero = predict_quality(g, images, rows, cs, device, "zero")
+    shuf = predict_quality(g, images, rows, cs, device, "shuffled", seed=1)
+    return {"mae_zero_image": float(np.abs(zero - true).mean()),
+            "mae_shuffled_image": float(np.abs(shuf - true).mean()), "zero": zero, "shuffled": shuf}
+
+
 def quality_report(g, data: D.LabeledData, rows: np.ndarray, cs: CorruptedSet, device: torch.device,
                    stems: list[str]) -> tuple[dict[str, float], pd.DataFrame]:
     """Test metrics of g plus the contextual-grounding checks, and a per-mask table."""
     images = torch.from_numpy(data.images)
     true = cs.dice.astype(np.float64)
     pred = predict_quality(g, images, rows, cs, device)
-    zero = predict_quality(g, images, rows, cs, device, "zero")
-    shuf = predict_quality(g, images, rows, cs, device, "shuffled", seed=1)
+    ground = grounding_checks(g, images, rows, cs, device, true)
+    zero, shuf = ground["zero"], ground["shuffled"]
     r = regression_metrics(pred, true)
     out = {k: r[k] for k in ("mae", "rmse", "pearson", "spearman")}
-    out["mae_zero_image"] = float(np.abs(zero - true).mean())
-    out["mae_shuffled_image"] = float(np.abs(shuf - true).mean())
+    out["mae_zero_image"], out["mae_shuffled_image"] = ground["mae_zero_image"], ground["mae_shuffled_image"]
     out["zero_image_mae_increase"] = out["mae_zero_image"] - out["mae"]
     out["shuffled_image_mae_increase"] = out["mae_shuffled_image"] - out["mae"]
     hi = true >= 0.7

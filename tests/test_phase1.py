@@ -1,6 +1,7 @@
 """Phase 1 stages end to end on tiny synthetic data, and the grounding checks."""
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -72,7 +73,8 @@ def test_train_quality_cli_end_to_end(synth_data, tmp_path, monkeypatch):
     assert summary["test_zero_image_mae_increase"] == pytest.approx(
         summary["test_mae_zero_image"] - summary["test_mae"])
     rows = (run.path / "metrics.csv").read_text().strip().splitlines()
-    assert rows[0].startswith("epoch,") and "val_loss" in rows[0] and len(rows) == 3
+    assert rows[0].startswith("epoch,") and len(rows) == 3
+    assert {"val_loss", "val_zero_image_mae_increase", "val_shuffled_image_mae_increase"} <= set(rows[0].split(","))
     assert (run.plots / "scatter.png").is_file()
     table = pd.read_csv(run.path / "test_predictions.csv")
     assert {"stem", "category", "dice", "pred", "pred_zero_image", "pred_shuffled_image"} <= set(table.columns)
@@ -277,3 +279,26 @@ def test_color_jitter_changes_only_the_training_images():
     (x0, m0, y0), (x1, m1, y1) = batch(), batch(color_jitter=0.3)
     assert torch.equal(m0, m1) and torch.equal(y0, y1)  # same masks, flips and targets
     assert (x0 - x1).abs().flatten(1).mean(1).min() > 0.01  # every image got its own colour change
+
+
+def test_each_epoch_reports_the_val_grounding_checks():
+    from qgseg.phase1 import QualityTask
+
+    n, h = 4, 8
+    images = np.repeat(60 * np.arange(n, dtype=np.uint8), h * h * 3).reshape(n, h, h, 3)
+    val = _set([0, 1, 2, 3], h)
+    data = type("Data", (), {"images": images, "masks": np.ones((n, h, h), np.uint8)})()
+    task = QualityTask(_MeanImage(), data, {"train": np.arange(n), "val": np.arange(n)},
+                       {"train": _set([0, 1, 2, 3], h), "val": val}, 2, torch.device("cpu"))
+    row = task.evaluate(1)
+    true = val.dice.astype(float)
+    from qgseg.data import to_float_images
+
+    own = np.array([to_float_images(torch.from_numpy(images[i:i + 1]))[0, 0].mean().item() for i in range(n)])
+    mae = np.abs(own - true).mean()
+    assert row["val_mae"] == pytest.approx(mae)
+    assert row["val_zero_image_mae_increase"] == pytest.approx(np.abs(0 - true).mean() - mae)  # g gives 0 on zeros
+    # shuffled: every mask on another case's image, so g's answers are the own ones under a derangement
+    deranged = [np.abs(own[list(p)] - true).mean() - mae for p in itertools.permutations(range(n))
+                if all(p[i] != i for i in range(n))]
+    assert any(row["val_shuffled_image_mae_increase"] == pytest.approx(v) for v in deranged)
