@@ -308,13 +308,19 @@ class QualityNet(nn.Module):
     random init and g collapses to a constant (see DESIGN, Phase 1 facts).
     `input_size` > 0 resizes image and mask to that side length first (area averaging down,
     bilinear up), so g can work at a lower resolution than the data: a mask becomes the share
-    of each coarse pixel it covers. `QualityNet(**spec)` rebuilds the architecture.
+    of each coarse pixel it covers. `tta_views` > 1: in eval mode g averages its score over that
+    many flips / rotations of image and mask together (2: identity and horizontal flip; 4: the four
+    90-degree rotations; 8: those and their flips); training (train mode) always sees one view.
+    `QualityNet(**spec)` rebuilds the architecture.
     """
 
-    def __init__(self, backbone: str = "resnet18", in_chans: int = 4, input_size: int = 0) -> None:
+    def __init__(self, backbone: str = "resnet18", in_chans: int = 4, input_size: int = 0,
+                 tta_views: int = 1) -> None:
         super().__init__()
         _check_timm_backbone(backbone)
-        self.spec = {"backbone": backbone, "in_chans": in_chans, "input_size": input_size}
+        if tta_views not in TTA_VIEWS:
+            raise ValueError(f"tta_views must be one of {TTA_VIEWS}, got {tta_views}")
+        self.spec = {"backbone": backbone, "in_chans": in_chans, "input_size": input_size, "tta_views": tta_views}
         self.backbone = timm.create_model(backbone, in_chans=in_chans, num_classes=0, pretrained=False)
         # the pooled width is not always num_features (MobileNetV3's conv head widens it): measure it
         with torch.no_grad():
@@ -334,7 +340,24 @@ class QualityNet(nn.Module):
         if self.input_size and x.shape[-2:] != (self.input_size, self.input_size):
             down = x.shape[-1] > self.input_size
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="area" if down else "bilinear")
-        return torch.sigmoid(self.head(self.backbone(x))).squeeze(1)
+        views = 1 if self.training else self.spec["tta_views"]
+        if views == 1:
+            return torch.sigmoid(self.head(self.backbone(x))).squeeze(1)
+        scores = torch.sigmoid(self.head(self.backbone(dihedral_views(x, views)))).squeeze(1)
+        return scores.view(views, len(x)).mean(0)
+
+
+TTA_VIEWS = (1, 2, 4, 8)
+
+
+def dihedral_views(x: torch.Tensor, views: int) -> torch.Tensor:
+    """(B,C,H,W) -> (views*B,C,H,W): the batch under `views` of the square's 8 flips / rotations."""
+    if views == 2:
+        return torch.cat((x, x.flip(-1)))
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"rotation views need square inputs, got {tuple(x.shape[-2:])}")
+    rotations = [torch.rot90(x, k, (-2, -1)) for k in range(4)]
+    return torch.cat(rotations if views == 4 else rotations + [r.flip(-1) for r in rotations])
 
 
 def _check_timm_backbone(backbone: str) -> None:
@@ -347,7 +370,7 @@ def _check_timm_backbone(backbone: str) -> None:
 
 def build_quality_net(
     backbone: str = "resnet18", pretrained: bool = False, weights_file: str = "", in_chans: int = 4,
-    input_size: int = 0,
+    input_size: int = 0, tta_views: int = 1,
 ) -> QualityNet:
     """Build g with a timm backbone (`timm.create_model(backbone, in_chans=4, num_classes=0)`).
 
@@ -357,7 +380,7 @@ def build_quality_net(
     keeps its fresh init. `pretrained=True` fetches timm's 3-channel weights from the hub (needs
     internet) and adapts them the same way. Unknown backbone -> InputError.
     """
-    model = QualityNet(backbone, in_chans, input_size)
+    model = QualityNet(backbone, in_chans, input_size, tta_views)
     if pretrained:
         try:
             src = timm.create_model(backbone, pretrained=True, num_classes=0)

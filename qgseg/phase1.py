@@ -319,7 +319,7 @@ def _build_g(cfg: Config) -> torch.nn.Module:
     q = cfg.quality
     torch.manual_seed(cfg.seed)
     return build_quality_net(q.backbone, pretrained=q.pretrained, weights_file=q.weights_file,
-                             input_size=q.input_size)
+                             input_size=q.input_size, tta_views=q.tta_views)
 
 
 def run_train_quality(loaded, out: Path | str | None = None, resume: bool = False,
@@ -390,6 +390,7 @@ def run_train_quality(loaded, out: Path | str | None = None, resume: bool = Fals
                               title=f"g on test: MAE {metrics['mae']:.3f}, Pearson {metrics['pearson']:.3f}")
         summary = {"run": str(run.path), "stage": "train-quality", "image_size": cfg.data.image_size,
                    "backbone": q.backbone, "g_input_size": q.input_size or cfg.data.image_size,
+                   "g_tta_views": q.tta_views,
                    "best_epoch": fit.best_epoch, "epochs_run": fit.epochs_run,
                    "stopped_early": fit.stopped_early, "train_seconds": round(fit.seconds, 1),
                    "train_masks_seen": fit.epochs_run * task.steps_per_epoch() * task.bs * distributed.world_size(),

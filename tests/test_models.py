@@ -11,6 +11,7 @@ from qgseg.models import (
     build_segmenter,
     check_image_size,
     count_parameters,
+    dihedral_views,
     load_state,
     size_divisor,
 )
@@ -147,7 +148,8 @@ def test_segmenter_weights_file_whole_model_and_encoder(tmp_path):
 def test_quality_net_output_range_shape_and_mask_gradient():
     torch.manual_seed(0)
     g = build_quality_net("resnet18")
-    assert isinstance(g, QualityNet) and g.spec == {"backbone": "resnet18", "in_chans": 4, "input_size": 0}
+    assert isinstance(g, QualityNet) and g.spec == {"backbone": "resnet18", "in_chans": 4, "input_size": 0,
+                                                 "tta_views": 1}
     assert g.backbone.conv1.in_channels == 4
     assert [type(m).__name__ for m in g.head] == ["Dropout", "Linear", "ReLU", "Dropout", "Linear"]
     assert g.head[0].p == 0.15 and g.head[3].p == 0.075 and g.head[1].in_features == 512
@@ -180,6 +182,38 @@ def test_quality_net_input_size_resizes_image_and_mask_first():
     q.sum().backward()  # QAR needs gradients through the resize into the mask
     assert mask.grad.abs().sum() > 0
     assert torch.allclose(small(F.avg_pool2d(image, 2), F.avg_pool2d(mask.detach(), 2)), ref, atol=1e-6)
+
+
+def test_dihedral_views_are_the_flips_and_rotations_of_the_square():
+    x = torch.arange(2 * 1 * 3 * 3, dtype=torch.float32).view(2, 1, 3, 3)
+    two, four, eight = (dihedral_views(x, n) for n in (2, 4, 8))
+    assert two.shape == (4, 1, 3, 3) and torch.equal(two[:2], x) and torch.equal(two[2:], x.flip(-1))
+    assert torch.equal(four[:2], x) and torch.equal(four[2:4], x.transpose(-2, -1).flip(-2))  # 90 degrees
+    # eight: all distinct arrangements of an asymmetric square, the four rotations first
+    assert torch.equal(eight[:8], four)
+    assert len({tuple(eight[i].flatten().tolist()) for i in range(0, 16, 2)}) == 8
+    with pytest.raises(ValueError, match="square"):
+        dihedral_views(torch.zeros(1, 1, 2, 3), 4)
+
+
+def test_quality_net_tta_averages_its_views_in_eval_mode_only():
+    torch.manual_seed(0)
+    plain = build_quality_net("resnet18").eval()
+    tta = build_quality_net("resnet18", tta_views=4)
+    tta.load_state_dict(plain.state_dict())
+    assert QualityNet(**tta.spec).spec["tta_views"] == 4  # saved with g, so every user of g scores alike
+    image, mask = torch.randn(3, 3, 32, 32), (torch.rand(3, 1, 32, 32) > 0.5).float()
+    views = [plain(torch.rot90(image, k, (2, 3)), torch.rot90(mask, k, (2, 3))) for k in range(4)]
+    assert torch.allclose(tta.eval()(image, mask), torch.stack(views).mean(0), atol=1e-6)
+    assert not torch.allclose(views[0], views[1], atol=1e-4)  # the views do differ
+    # train mode: one view (the training batches bring their own random flips and rotations)
+    torch.manual_seed(1)
+    a = tta.train()(image, mask)
+    torch.manual_seed(1)
+    b = plain.train()(image, mask)
+    assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="tta_views"):
+        QualityNet("resnet18", tta_views=3)
 
 
 def test_quality_net_weights_file_adapts_three_channel_conv(tmp_path):

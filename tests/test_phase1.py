@@ -180,13 +180,15 @@ def test_train_quality_resample_trains_on_new_masks(synth_data, tmp_path, monkey
     assert not np.array_equal(seen[3], seen[2])
 
 
-def test_train_quality_input_size_g_works_at_its_own_resolution(synth_data, tmp_path):
+def test_train_quality_input_size_and_tta_views_travel_with_g(synth_data, tmp_path):
+    from qgseg.models import QualityNet
     from qgseg.quality import QualityPredictor
 
     run, summary = run_train_quality(_loaded(synth_data, tmp_path, ["data.image_size=64", "quality.input_size=32",
-                                                                     "corrupt.p_weak=0.0", "quality.epochs=1"]))
+                                                                     "quality.tta_views=4", "corrupt.p_weak=0.0",
+                                                                     "quality.epochs=1"]))
     assert run.status == "completed"
-    assert summary["image_size"] == 64 and summary["g_input_size"] == 32
+    assert summary["image_size"] == 64 and summary["g_input_size"] == 32 and summary["g_tta_views"] == 4
     n_train = len(json.loads((run.path / "splits.json").read_text())["train"])
     assert summary["train_masks_seen"] == 3 * n_train // 8 * 8  # 1 epoch of K = 3 masks per case, batch 8
     table = pd.read_csv(run.path / "test_predictions.csv")
@@ -196,6 +198,12 @@ def test_train_quality_input_size_g_works_at_its_own_resolution(synth_data, tmp_
     assert g.net.input_size == 32 and g.image_size == 64
     x, m = torch.randn(2, 3, 64, 64), torch.ones(2, 1, 64, 64)
     assert torch.allclose(g.score(x, m), g.score(F.avg_pool2d(x, 2), F.avg_pool2d(m, 2)), atol=1e-6)
+    # ... and scores as the mean over the four rotations, like train-quality's report did
+    one = QualityNet(**{**g.net.spec, "tta_views": 1}).eval()
+    one.load_state_dict(g.net.state_dict())
+    x, m = torch.randn(2, 3, 64, 64), (torch.rand(2, 1, 64, 64) > 0.5).float()
+    rotated = torch.stack([one(torch.rot90(x, k, (2, 3)), torch.rot90(m, k, (2, 3))) for k in range(4)])
+    assert torch.allclose(g.score(x, m), rotated.mean(0), atol=1e-5)
 
 
 def _bare_task(images, gt, masks, dice, batch_size, **options):
