@@ -84,6 +84,7 @@ class SSLConfig:
     method: str = "sup"
     qw: bool = False
     quality: str = ""  # train-quality run; "" = newest completed
+    quality_views: int = 0  # flip / rotation views g averages when it scores here (0 = as saved with g)
     lambda_final: float = 0.25
     warmup: int = 15
     rampup: int = 30
@@ -186,6 +187,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "ssl.qw_form": (lambda v: v in ("reference", "plain"), "reference or plain"),
     "ssl.qw_temperature": (lambda v: v > 0, "a number > 0"),
     "ssl.qw_threshold": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
+    "ssl.quality_views": (lambda v: v in (0, 1, 2, 4, 8), "0 (as saved with g), 1, 2, 4 or 8"),
     "ssl.ema_decay": (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
     "ssl.confidence": (lambda v: 0.5 <= v < 1.0, "a number in [0.5, 1)"),
     "train.epochs": (lambda v: v >= 1, "an integer >= 1"),

@@ -55,6 +55,15 @@ class QualityPredictor:
             raise InputError(f"{option} {run.path}: weights do not fit {spec} ({str(e).splitlines()[0]})") from None
         return cls(net, cfg.data.image_size, str(run.path))
 
+    def with_views(self, views: int) -> "QualityPredictor":
+        """Score with `views` flips / rotations (see QualityNet's tta_views) instead of g's saved number."""
+        from qgseg.models import TTA_VIEWS
+
+        if views not in TTA_VIEWS:
+            raise ValueError(f"views must be one of {TTA_VIEWS}, got {views}")
+        self.net.spec["tta_views"] = views
+        return self
+
     def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """g(x, m) with gradients to the inputs (for QAR); images normalised, masks in [0, 1]."""
         return self.net(images, masks)

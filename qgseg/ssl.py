@@ -255,12 +255,13 @@ def _load_quality(link: str, cfg: Config) -> QualityPredictor | None:
     if not link:
         return None
     try:
-        return QualityPredictor.from_run(link, cfg.data.image_size)
+        g = QualityPredictor.from_run(link, cfg.data.image_size)
     except InputError as e:
         if needs_quality(cfg) or cfg.ssl.quality:
             raise
         log.warning("val/test quality columns off: %s", e)
         return None
+    return g.with_views(cfg.ssl.quality_views) if cfg.ssl.quality_views else g
 
 
 def _build_model(cfg: Config) -> nn.Module:
@@ -294,7 +295,8 @@ def run_ssl(loaded, out: Path | str | None = None, resume: bool = False,
             quality_run = run.meta.get("quality_run", "")
         quality = _load_quality(quality_run, cfg)
         quality_run = quality.source if quality is not None else ""
-        run.update_meta(quality_run=quality_run)
+        run.update_meta(quality_run=quality_run,
+                        quality_views=quality.net.spec["tta_views"] if quality is not None else 0)
         if quality is None and needs_quality(cfg):
             raise InputError(f"--resume {run.path}: the run records no quality predictor g")
         quality = quality.to(device) if quality is not None else None
@@ -337,6 +339,7 @@ def run_ssl(loaded, out: Path | str | None = None, resume: bool = False,
             "run": str(run.path), "stage": STAGE, "method": method.name, "qw": cfg.ssl.qw,
             "qar_weight": cfg.ssl.qar_weight, "arch": model_spec(model)["arch"], "encoder": model_spec(model)["encoder"],
             "parameters": params["model"], "image_size": cfg.data.image_size, "quality_run": quality_run,
+            "quality_views": quality.net.spec["tta_views"] if quality is not None else 0,
             "n_train": len(train), "n_val": len(val), "n_test": len(test),
             "n_unlabeled": 0 if unlabeled is None else len(unlabeled),
             "best_epoch": fit.best_epoch, "best_val_dsc": fit.best_value, "epochs_run": fit.epochs_run,

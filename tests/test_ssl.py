@@ -65,12 +65,12 @@ def make_data(root: Path) -> None:
             Image.fromarray(img).save(root / f"unlabeled/images/u{i}.png")
 
 
-def make_quality_run(runs_root: Path, image_size: int = 32) -> Run:
+def make_quality_run(runs_root: Path, image_size: int = 32, tta_views: int = 1) -> Run:
     """A completed train-quality run holding a tiny random g (what train-quality would write)."""
     cfg = Config().replace(**{"data.image_size": image_size})
     run = create_run(runs_root / "train-quality" / "20260101-000000", "train-quality", dumps_toml(cfg))
     torch.manual_seed(0)
-    net = build_quality_net("resnet18")
+    net = build_quality_net("resnet18", tta_views=tta_views)
     save_checkpoint(run.checkpoints / "best.pt", {"modules": {"g": net.state_dict()}, "specs": {"g": net.spec}})
     run.write_summary({})
     run.set_status("completed")
@@ -99,7 +99,7 @@ def invoke(*args: str):
 
 
 def test_mt_qw_end_to_end(workdir):
-    quality = make_quality_run(workdir / "runs")
+    quality = make_quality_run(workdir / "runs", tta_views=2)
     res = invoke("--method", "mt", "--qw", "--json", "--device", "cpu")
     assert res.exit_code == 0, res.stderr
     summary = json.loads(res.stdout)
@@ -107,6 +107,7 @@ def test_mt_qw_end_to_end(workdir):
     assert run.parent == Path("runs") / "ssl"
     assert summary["method"] == "mt" and summary["qw"] is True
     assert Path(summary["quality_run"]).resolve() == quality.path.resolve()  # found by itself
+    assert summary["quality_views"] == 2  # g scores with the views saved with it
     for name in ("config.toml", "meta.json", "splits.json", "metrics.csv", "summary.json", "test_cases.csv",
                  "checkpoints/best.pt", "checkpoints/last.pt"):
         assert (run / name).is_file(), name
@@ -140,6 +141,19 @@ def test_mt_qw_end_to_end(workdir):
     from qgseg.models import build_segmenter
 
     assert count_parameters(build_segmenter("unet", ENCODER)) == summary["parameters"]
+
+
+def test_ssl_quality_views_overrides_the_views_saved_with_g(workdir):
+    from qgseg.ssl import _load_quality
+
+    quality = make_quality_run(workdir / "runs", tta_views=4)
+    image, mask = torch.randn(2, 3, 32, 32), (torch.rand(2, 1, 32, 32) > 0.5).float()
+    saved = _load_quality(str(quality.path), Config().replace(**{"data.image_size": 32}))
+    one = _load_quality(str(quality.path), Config().replace(**{"data.image_size": 32, "ssl.quality_views": 1}))
+    assert saved.net.spec["tta_views"] == 4 and one.net.spec["tta_views"] == 1
+    rotated = torch.stack([one.score(torch.rot90(image, k, (2, 3)), torch.rot90(mask, k, (2, 3))) for k in range(4)])
+    assert torch.allclose(saved.score(image, mask), rotated.mean(0), atol=1e-5)
+    assert not torch.allclose(one.score(image, mask), rotated.mean(0), atol=1e-4)
 
 
 def test_qw_refused_for_sup_and_qar(workdir):
