@@ -177,8 +177,11 @@ class QualityTask:
     def __init__(self, g, data: D.LabeledData, case_index: dict[str, np.ndarray],
                  sets: dict[str, CorruptedSet], batch_size: int, device: torch.device, *,
                  resample: Resample | None = None, beta: float = 1.0, masks_per_epoch: int = 0,
-                 p_lesion_free: float = 0.0, color_jitter: float = 0.0):
+                 p_lesion_free: float = 0.0, color_jitter: float = 0.0, select: str = "val_loss"):
         self.g = g
+        if select == "last":  # best.pt follows the newest epoch: the end of the schedule is the model kept
+            self.monitor, self.mode = "epoch", "max"
+        self.select = select
         self.beta = beta  # SmoothL1's beta: 1.0 (torch's default, the paper's loss) is MSE / 2 on [0, 1]
         self.masks_per_epoch = masks_per_epoch  # 0 = every training mask each epoch
         self.modules = {"g": g}
@@ -241,7 +244,8 @@ class QualityTask:
         loss = float(F.smooth_l1_loss(torch.from_numpy(pred), torch.from_numpy(true), beta=self.beta))
         r = regression_metrics(pred, true)
         ground = grounding_checks(self.g, self.images, self.case_index["val"], self.sets["val"], self.device, true)
-        return {"val_loss": loss, "val_mae": r["mae"], "val_pearson": r["pearson"],
+        out = {"epoch": epoch} if self.select == "last" else {}
+        return {**out, "val_loss": loss, "val_mae": r["mae"], "val_pearson": r["pearson"],
                 "val_zero_image_mae_increase": ground["mae_zero_image"] - r["mae"],
                 "val_shuffled_image_mae_increase": ground["mae_shuffled_image"] - r["mae"]}
 
@@ -368,7 +372,7 @@ def run_train_quality(loaded, out: Path | str | None = None, resume: bool = Fals
                         dq={s: len(c) for s, c in sets.items()})
         task = QualityTask(g, data, rows, sets, q.batch_size, device, resample=resample, beta=q.loss_beta,
                            masks_per_epoch=q.masks_per_epoch, p_lesion_free=q.p_lesion_free,
-                           color_jitter=q.color_jitter)
+                           color_jitter=q.color_jitter, select=q.select)
         opt = torch.optim.AdamW(g.parameters(), lr=q.lr, weight_decay=q.weight_decay, **fused_optimizer(device))
         sched = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(opt, T_0=10, T_mult=2, eta_min=1e-6)
         settings = FitSettings(epochs=q.epochs, patience=q.patience, seed=cfg.seed, grad_clip=q.grad_clip,

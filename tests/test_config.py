@@ -201,6 +201,7 @@ def test_int_is_accepted_for_float_keys(tmp_path):
     ("quality.tta_views=3", "quality.tta_views"),
     ("quality.tta_views=0", "quality.tta_views"),
     ("ssl.quality_views=3", "ssl.quality_views"),
+    ("quality.select=best", "quality.select"),
 ])
 def test_out_of_range(tmp_path, item, key):
     with pytest.raises(InputError) as e:
@@ -222,7 +223,8 @@ def test_range_error_names_the_file_that_set_it(tmp_path):
                                   "quality.p_lesion_free=0", "quality.p_lesion_free=0.99",
                                   "quality.color_jitter=0", "quality.color_jitter=0.5",
                                   "quality.tta_views=1", "quality.tta_views=8",
-                                  "ssl.quality_views=0", "ssl.quality_views=4"])
+                                  "ssl.quality_views=0", "ssl.quality_views=4",
+                                  "quality.select=last", "quality.select=val_loss"])
 def test_range_edges_accepted(tmp_path, item):
     _load(tmp_path, sets=[item])
 

@@ -310,3 +310,29 @@ def test_each_epoch_reports_the_val_grounding_checks():
     deranged = [np.abs(own[list(p)] - true).mean() - mae for p in itertools.permutations(range(n))
                 if all(p[i] != i for i in range(n))]
     assert any(row["val_shuffled_image_mae_increase"] == pytest.approx(v) for v in deranged)
+
+
+def test_select_last_keeps_the_final_epoch_as_best(synth_data, tmp_path):
+    from qgseg.engine import load_checkpoint
+
+    run, summary = run_train_quality(_loaded(synth_data, tmp_path, ["quality.select=last", "corrupt.p_weak=0.0",
+                                                                     "quality.epochs=3"]))
+    assert summary["best_epoch"] == summary["epochs_run"] == 3
+    best, last = (load_checkpoint(run.checkpoints / f"{n}.pt") for n in ("best", "last"))
+    assert best["epoch"] == 3
+    for k, v in last["modules"]["g"].items():
+        assert torch.equal(v, best["modules"]["g"][k]), k
+    # the val loss is still reported every epoch, only not used to pick best.pt
+    metrics = pd.read_csv(run.path / "metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2, 3] and metrics["val_loss"].notna().all()
+
+
+def test_select_monitors_the_epoch_or_the_val_loss():
+    n, h = 2, 8
+    images = np.zeros((n, h, h, 3), np.uint8)
+    task = _bare_task(images, np.ones((n, h, h), np.uint8), np.ones((2 * n, h, h), np.uint8),
+                      np.ones(2 * n, np.float32), 2, select="last")
+    assert (task.monitor, task.mode) == ("epoch", "max")
+    plain = _bare_task(images, np.ones((n, h, h), np.uint8), np.ones((2 * n, h, h), np.uint8),
+                       np.ones(2 * n, np.float32), 2)
+    assert (plain.monitor, plain.mode) == ("val_loss", "min")
