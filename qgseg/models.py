@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -348,6 +349,18 @@ class QualityNet(nn.Module):
 
 
 TTA_VIEWS = (1, 2, 4, 8)
+
+
+@contextmanager
+def scoring_views(net: nn.Module, views: int):
+    """Within the block g (possibly wrapped by DDP or torch.compile) scores with `views` views."""
+    core = getattr(getattr(net, "_orig_mod", net), "module", getattr(net, "_orig_mod", net))
+    saved = core.spec["tta_views"]
+    core.spec["tta_views"] = views
+    try:
+        yield net
+    finally:
+        core.spec["tta_views"] = saved
 
 
 def dihedral_views(x: torch.Tensor, views: int) -> torch.Tensor:

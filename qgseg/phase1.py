@@ -239,6 +239,14 @@ class QualityTask:
         pass
 
     def evaluate(self, epoch: int) -> dict[str, float]:
+        if self.select == "last":  # the val metrics only inform: one view keeps them cheap
+            from qgseg.models import scoring_views
+
+            with scoring_views(self.g, 1):
+                return self._val_metrics(epoch)
+        return self._val_metrics(epoch)  # they pick best.pt: score as g will
+
+    def _val_metrics(self, epoch: int) -> dict[str, float]:
         pred = predict_quality(self.g, self.images, self.case_index["val"], self.sets["val"], self.device)
         true = self.sets["val"].dice.astype(np.float64)
         loss = float(F.smooth_l1_loss(torch.from_numpy(pred), torch.from_numpy(true), beta=self.beta))

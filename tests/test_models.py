@@ -13,6 +13,7 @@ from qgseg.models import (
     count_parameters,
     dihedral_views,
     load_state,
+    scoring_views,
     size_divisor,
 )
 
@@ -214,6 +215,12 @@ def test_quality_net_tta_averages_its_views_in_eval_mode_only():
     assert torch.allclose(a, b, atol=1e-6)
     with pytest.raises(ValueError, match="tta_views"):
         QualityNet("resnet18", tta_views=3)
+    # scoring_views: a temporary number of views, restored even when the block raises
+    with pytest.raises(RuntimeError):
+        with scoring_views(tta, 1):
+            assert torch.allclose(tta.eval()(image, mask), views[0], atol=1e-6)
+            raise RuntimeError
+    assert tta.spec["tta_views"] == 4
 
 
 def test_quality_net_weights_file_adapts_three_channel_conv(tmp_path):

@@ -327,6 +327,33 @@ def test_select_last_keeps_the_final_epoch_as_best(synth_data, tmp_path):
     assert list(metrics["epoch"]) == [1, 2, 3] and metrics["val_loss"].notna().all()
 
 
+def test_select_last_scores_the_per_epoch_val_metrics_with_one_view():
+    from qgseg.models import build_quality_net, scoring_views
+    from qgseg.phase1 import QualityTask
+
+    n, h = 4, 32
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (n, h, h, 3), dtype=np.uint8)
+    val = CorruptedSet(case=np.arange(n, dtype=np.int32), masks=rng.integers(0, 2, (n, h, h), dtype=np.uint8),
+                       dice=np.linspace(0, 1, n).astype(np.float32), category=["x"] * n, ops=[""] * n)
+    data = type("Data", (), {"images": images, "masks": np.ones((n, h, h), np.uint8)})()
+    torch.manual_seed(0)
+    g = build_quality_net("resnet18", tta_views=4).eval()
+
+    def task(select):
+        return QualityTask(g, data, {"train": np.arange(n), "val": np.arange(n)}, {"train": val, "val": val}, 2,
+                           torch.device("cpu"), select=select)
+
+    four = task("val_loss").evaluate(1)  # picks best.pt: scores as g will, with its four views
+    last = task("last").evaluate(1)
+    assert g.spec["tta_views"] == 4  # restored afterwards
+    with scoring_views(g, 1):
+        one = task("val_loss").evaluate(1)
+    assert last["val_mae"] == pytest.approx(one["val_mae"]) and last["epoch"] == 1
+    assert last["val_zero_image_mae_increase"] == pytest.approx(one["val_zero_image_mae_increase"])
+    assert four["val_mae"] != pytest.approx(one["val_mae"], abs=1e-6)
+
+
 def test_select_monitors_the_epoch_or_the_val_loss():
     n, h = 2, 8
     images = np.zeros((n, h, h, 3), np.uint8)
