@@ -319,9 +319,8 @@ class QualityNet(nn.Module):
                  tta_views: int = 1) -> None:
         super().__init__()
         _check_timm_backbone(backbone)
-        if tta_views not in TTA_VIEWS:
-            raise ValueError(f"tta_views must be one of {TTA_VIEWS}, got {tta_views}")
-        self.spec = {"backbone": backbone, "in_chans": in_chans, "input_size": input_size, "tta_views": tta_views}
+        self.spec = {"backbone": backbone, "in_chans": in_chans, "input_size": input_size, "tta_views": 1}
+        self.views = tta_views
         self.backbone = timm.create_model(backbone, in_chans=in_chans, num_classes=0, pretrained=False)
         # the pooled width is not always num_features (MobileNetV3's conv head widens it): measure it
         with torch.no_grad():
@@ -335,13 +334,24 @@ class QualityNet(nn.Module):
     def input_size(self) -> int:
         return self.spec["input_size"]
 
+    @property
+    def views(self) -> int:
+        """Flip / rotation views g averages when it scores (saved in the spec as tta_views)."""
+        return self.spec["tta_views"]
+
+    @views.setter
+    def views(self, views: int) -> None:
+        if views not in TTA_VIEWS:
+            raise ValueError(f"tta_views must be one of {TTA_VIEWS}, got {views}")
+        self.spec["tta_views"] = views
+
     def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) normalised image, (B,1,H,W) mask in [0,1] -> (B,) predicted Dice in (0,1)."""
         x = torch.cat((image, mask.to(image.dtype)), dim=1)
         if self.input_size and x.shape[-2:] != (self.input_size, self.input_size):
             down = x.shape[-1] > self.input_size
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="area" if down else "bilinear")
-        views = 1 if self.training else self.spec["tta_views"]
+        views = 1 if self.training else self.views
         if views == 1:
             return torch.sigmoid(self.head(self.backbone(x))).squeeze(1)
         scores = torch.sigmoid(self.head(self.backbone(dihedral_views(x, views)))).squeeze(1)
@@ -352,15 +362,13 @@ TTA_VIEWS = (1, 2, 4, 8)
 
 
 @contextmanager
-def scoring_views(net: nn.Module, views: int):
-    """Within the block g (possibly wrapped by DDP or torch.compile) scores with `views` views."""
-    core = getattr(getattr(net, "_orig_mod", net), "module", getattr(net, "_orig_mod", net))
-    saved = core.spec["tta_views"]
-    core.spec["tta_views"] = views
+def scoring_views(net: QualityNet, views: int):
+    """Within the block g scores with `views` views; its own number is restored afterwards."""
+    saved, net.views = net.views, views
     try:
         yield net
     finally:
-        core.spec["tta_views"] = saved
+        net.views = saved
 
 
 def dihedral_views(x: torch.Tensor, views: int) -> torch.Tensor:

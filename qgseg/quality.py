@@ -57,11 +57,7 @@ class QualityPredictor:
 
     def with_views(self, views: int) -> "QualityPredictor":
         """Score with `views` flips / rotations (see QualityNet's tta_views) instead of g's saved number."""
-        from qgseg.models import TTA_VIEWS
-
-        if views not in TTA_VIEWS:
-            raise ValueError(f"views must be one of {TTA_VIEWS}, got {views}")
-        self.net.spec["tta_views"] = views
+        self.net.views = views
         return self
 
     def __call__(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:

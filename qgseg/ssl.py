@@ -295,8 +295,8 @@ def run_ssl(loaded, out: Path | str | None = None, resume: bool = False,
             quality_run = run.meta.get("quality_run", "")
         quality = _load_quality(quality_run, cfg)
         quality_run = quality.source if quality is not None else ""
-        run.update_meta(quality_run=quality_run,
-                        quality_views=quality.net.spec["tta_views"] if quality is not None else 0)
+        quality_views = quality.net.views if quality is not None else 0
+        run.update_meta(quality_run=quality_run, quality_views=quality_views)
         if quality is None and needs_quality(cfg):
             raise InputError(f"--resume {run.path}: the run records no quality predictor g")
         quality = quality.to(device) if quality is not None else None
@@ -339,7 +339,7 @@ def run_ssl(loaded, out: Path | str | None = None, resume: bool = False,
             "run": str(run.path), "stage": STAGE, "method": method.name, "qw": cfg.ssl.qw,
             "qar_weight": cfg.ssl.qar_weight, "arch": model_spec(model)["arch"], "encoder": model_spec(model)["encoder"],
             "parameters": params["model"], "image_size": cfg.data.image_size, "quality_run": quality_run,
-            "quality_views": quality.net.spec["tta_views"] if quality is not None else 0,
+            "quality_views": quality_views,
             "n_train": len(train), "n_val": len(val), "n_test": len(test),
             "n_unlabeled": 0 if unlabeled is None else len(unlabeled),
             "best_epoch": fit.best_epoch, "best_val_dsc": fit.best_value, "epochs_run": fit.epochs_run,
