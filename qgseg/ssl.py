@@ -26,7 +26,7 @@ from qgseg import distributed
 from qgseg.config import Config
 from qgseg.engine import Engine, FitSettings, fused_optimizer, infinite, load_checkpoint, load_modules, resolve_device
 from qgseg.errors import InputError
-from qgseg.evaluate import evaluate_predictions, predict_probs, summarise
+from qgseg.predict import evaluate_predictions, predict_probs, summarise
 from qgseg.methods import Context, Method, get_method, qw_methods, ramp_weight
 from qgseg.methods.common import EMATeacher
 from qgseg.quality import QualityPredictor, weighted_mean

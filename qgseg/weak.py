@@ -19,7 +19,7 @@ from qgseg import data as D
 from qgseg.corrupt import dice_batch
 from qgseg.engine import Engine, FitSettings, fused_optimizer, resolve_device, save_checkpoint
 from qgseg.errors import InputError
-from qgseg.evaluate import predict_probs
+from qgseg.predict import predict_probs
 from qgseg.losses import dice_only_loss
 from qgseg.models import build_segmenter, check_image_size, count_parameters
 from qgseg.report import Reporter

@@ -14,7 +14,7 @@ import torch
 from qgseg import data as D
 from qgseg import distributed
 from qgseg.engine import load_checkpoint
-from qgseg.evaluate import evaluate_predictions, predict_probs
+from qgseg.predict import evaluate_predictions, predict_probs
 from qgseg.models import build_segmenter
 from qgseg.runs import Run
 

@@ -11,14 +11,17 @@ terms.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qgseg.config import Config
 from qgseg.losses import seg_loss
 from qgseg.methods.common import Context, Method, Part, Step, ema_teacher, hard, probs_of
+
+if TYPE_CHECKING:  # annotations only: config.py reads the method registry
+    from qgseg.config import Config
 
 WEIGHT = 0.1
 TAU = 0.1

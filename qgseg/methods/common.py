@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from qgseg.config import Config
 from qgseg.losses import seg_loss
+
+if TYPE_CHECKING:  # annotations only: config.py reads the method registry
+    from qgseg.config import Config
 
 EMA_RAMP_UPDATES = 1000  # the teacher's decay ramps 0.5 -> ssl.ema_decay over this many updates
 NOISE_STD, NOISE_CLIP = 0.1, 0.2  # teacher input noise (normalised image units), as in UA-MT

@@ -7,12 +7,16 @@ Evaluation and best.pt use the first network.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from qgseg.config import Config
 from qgseg.losses import seg_loss
 from qgseg.methods.common import Context, Method, Part, Step, hard
+
+if TYPE_CHECKING:  # annotations only: config.py reads the method registry
+    from qgseg.config import Config
 
 
 def build(model: nn.Module, cfg: Config) -> dict[str, nn.Module]:

@@ -10,8 +10,7 @@ from __future__ import annotations
 import torch
 
 from qgseg.losses import mse_prob_loss
-from qgseg.methods.common import (LN2, Context, Method, Part, Step, binary_entropy, ema_teacher, hard,
-                                  noisy, probs_of)
+from qgseg.methods.common import LN2, Context, Method, Part, Step, binary_entropy, ema_teacher, hard, noisy, probs_of
 
 PASSES = 8
 
