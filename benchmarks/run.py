@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import os
 
-# Before torch is imported: busy-waiting OpenMP threads slow shared cores ~10x (DESIGN.md).
+# Before torch is imported: busy-waiting OpenMP threads slow shared cores ~10x (docs/architecture.md).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
@@ -134,8 +133,8 @@ def build_variants(args, device: torch.device) -> dict[str, Variant]:
     from qgseg.config import load_config
     from qgseg.engine import TermLog
     from qgseg.methods import get_method
-    from qgseg.models import build_quality_net, build_segmenter
-    from qgseg.quality import QualityPredictor
+    from qgseg.models import build_segmenter
+    from qgseg.quality import QualityPredictor, build_quality_net
     from qgseg.ssl import SSLTask, build_optimizer
 
     bs_l, bs_u = args.batch

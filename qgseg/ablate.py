@@ -30,9 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from qgseg.config import Config, Loaded, dumps_toml, load_run_config
+from qgseg.config import Config, Loaded, dumps_toml, load_run_config, method_settings
 from qgseg.errors import InputError, QgsegError
-from qgseg.methods import NAMES as SSL_METHODS
 from qgseg.metrics import e_val, mean_se
 from qgseg.report import Reporter
 from qgseg.runs import Run, atomic_write_text, find_runs, read_json, resolve_link
@@ -49,16 +48,25 @@ class Sweep:
     name: str
     stage: str  # "ssl" or "train-quality"
     key: str  # dotted config key the value sets ("" for the method sweep)
-    default: tuple[str, ...]
+    grid: tuple[str, ...] | Callable[[], tuple[str, ...]]  # the default grid, or what makes it
     help: str
     metrics: tuple[tuple[str, str], ...] = ()  # (summary key, column name)
     e_val96: bool = False
 
+    @property
+    def default(self) -> tuple[str, ...]:
+        return self.grid() if callable(self.grid) else self.grid
+
+
+def method_rows() -> tuple[str, ...]:
+    """Every registered method, and method+qw after each one with pseudolabels for g to weight."""
+    from qgseg.methods import get_method, method_names
+
+    return tuple(x for m in method_names() for x in ((m, f"{m}+qw") if get_method(m).pseudolabel else (m,)))
+
 
 _P2 = (("test_dsc", "DSC"), ("test_iou", "IoU"))
 _P1 = (("test_mae", "MAE"), ("test_pearson", "Pearson"))
-# sup and qar have no pseudolabel for g to weight: one row each
-METHOD_ROWS = ("sup",) + tuple(x for m in SSL_METHODS if m not in ("sup", "qar") for x in (m, f"{m}+qw")) + ("qar",)
 
 SWEEPS: dict[str, Sweep] = {s.name: s for s in (
     Sweep("lambda-qar", "ssl", "ssl.qar_weight", ("0.001", "0.01", "0.1"),
@@ -76,7 +84,7 @@ SWEEPS: dict[str, Sweep] = {s.name: s for s in (
     Sweep("unlabeled-size", "ssl", "data.max_unlabeled", ("25%", "50%", "100%"),
           "unlabeled images M (a count, or a percentage of the unlabeled folder; method qar unless "
           "ssl.method is set)", _P2, e_val96=True),
-    Sweep("method", "ssl", "", METHOD_ROWS, "every SSL method with and without QW (the paper's Table 1 rows)", _P2),
+    Sweep("method", "ssl", "", method_rows, "every SSL method with and without QW (the paper's Table 1 rows)", _P2),
 )}
 
 
@@ -136,14 +144,18 @@ def point_sets(sweep: Sweep, value: str, cfg: Config, explicit: dict[str, str],
                unlabeled_count: Callable[[], int]) -> list[str]:
     """The ``--set key=value`` items of one grid value (values are passed on unchecked: a bad
     value makes that point's run fail, and the table says so)."""
+    from qgseg.methods import method_names
+
     method_given = "ssl.method" in explicit
     if sweep.name == "method":
         method, _, flag = value.partition("+")
         if flag not in ("", "qw"):
             return [f"ssl.method={value}"]  # let the point's run reject it
-        qar = cfg.ssl.qar_weight if cfg.ssl.qar_weight > 0 else 0.01
-        return [f"ssl.method={method}", f"ssl.qw={'true' if flag else 'false'}",
-                f"ssl.qar_weight={qar if method == 'qar' else 0.0}"]
+        qw = f"ssl.qw={'true' if flag else 'false'}"
+        if method not in method_names():
+            return [f"ssl.method={method}", qw]  # let the point's run reject it
+        settings = method_settings(method, cfg)
+        return [f"ssl.method={method}", qw] + [f"{k}={v}" for k, v in settings.items() if k != "ssl.method"]
     out: list[str] = []
     if sweep.name == "lambda-qar":
         if not method_given:
@@ -176,8 +188,7 @@ def point_sets(sweep: Sweep, value: str, cfg: Config, explicit: dict[str, str],
 def _default_method(cfg: Config, method_given: bool) -> list[str]:
     if method_given:
         return []
-    qar = cfg.ssl.qar_weight if cfg.ssl.qar_weight > 0 else 0.01
-    return ["ssl.method=qar", f"ssl.qar_weight={qar}"]
+    return [f"{k}={v}" for k, v in method_settings("qar", cfg).items()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +283,7 @@ def _newest(cfg: Config, stage: str, labeled: str = "") -> str:
 
 def child_env(threads: int | None) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"NO_ALBUMENTATIONS_UPDATE": "1", "OMP_WAIT_POLICY": "PASSIVE"})
+    env.update({"OMP_WAIT_POLICY": "PASSIVE"})  # the children's qgseg sets NO_ALBUMENTATIONS_UPDATE
     if threads:
         env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
     return env
@@ -501,9 +512,50 @@ def run_ablate(loaded: Loaded, name: str, values: str | None = None, seeds: int 
     return result
 
 
+def _prerequisites(adir: Run, sweep: Sweep, cfg: Config, points: list[Point], quality: str | None,
+                   config_file: Path, env: dict[str, str], rep: Reporter) -> list[str]:
+    """The run the points need (g for ssl points, a weak run for D_Q's Type 2 masks), recorded in
+    the ablate directory's meta; returns the extra command-line items of every point."""
+    extra: list[str] = []
+    meta_links: dict[str, str] = {}
+    with rep:
+        if sweep.stage == "ssl":
+            g = resolve_quality(adir, cfg, quality, config_file, env, rep)
+            extra, meta_links["quality_run"] = ["--quality", g], g
+        elif cfg.corrupt.p_weak > 0 or sweep.name == "p-weak":
+            w = resolve_weak(adir, cfg, config_file, env, rep)
+            for p in points:
+                p.sets = [f"weak.run={w}"] + p.sets
+            meta_links["weak_run"] = w
+    if meta_links:
+        adir.update_meta(**meta_links)
+    return extra
+
+
+def _run_parallel(todo: list[Point], work: Callable[[Point], Point], n_jobs: int, sweep: Sweep,
+                  rep: Reporter) -> None:
+    """``work`` on every point, ``n_jobs`` at a time; Ctrl-C stops the children resumably."""
+    with rep:
+        rep.start(f"ablate {sweep.name} points", len(todo))
+        with cf.ThreadPoolExecutor(max_workers=n_jobs) as pool:
+            futures = {pool.submit(work, p): p for p in todo}
+            try:
+                for fut in cf.as_completed(futures):
+                    p = fut.result()
+                    ok = "done" if p.status == "completed" else f"FAILED ({p.reason})"
+                    rep.advance(1, info=f"{p.label}: {p.status}")
+                    rep.note(f"ablate {sweep.name}: {p.label} {ok}")
+            except KeyboardInterrupt:
+                for f in futures:
+                    f.cancel()
+                stop_children()
+                raise
+
+
 def _run(adir: Run, sweep: Sweep, grid: list[str], cfg: Config, explicit: dict[str, str], n_seeds: int,
          n_jobs: int, quality: str | None, config_file: Path, env: dict[str, str], print_commands: bool,
          rep: Reporter) -> AblateResult:
+    """Run (or print) the unfinished points of a sweep, gather the finished ones, write the table."""
     count_cache: list[int] = []
 
     def unlabeled_count() -> int:
@@ -516,20 +568,7 @@ def _run(adir: Run, sweep: Sweep, grid: list[str], cfg: Config, explicit: dict[s
               for v in grid for i in range(n_seeds)]
     states = {id(p): point_state(p) for p in points}
     todo = [p for p in points if states[id(p)] in ("fresh", "resumable")]
-    extra: list[str] = []
-    meta_links: dict[str, str] = {}
-    if todo:  # prerequisites only when something is left to run
-        with rep:
-            if sweep.stage == "ssl":
-                g = resolve_quality(adir, cfg, quality, config_file, env, rep)
-                extra, meta_links["quality_run"] = ["--quality", g], g
-            elif cfg.corrupt.p_weak > 0 or sweep.name == "p-weak":
-                w = resolve_weak(adir, cfg, config_file, env, rep)
-                for p in points:
-                    p.sets = [f"weak.run={w}"] + p.sets
-                meta_links["weak_run"] = w
-    if meta_links:
-        adir.update_meta(**meta_links)
+    extra = _prerequisites(adir, sweep, cfg, points, quality, config_file, env, rep) if todo else []
     adir.update_meta(values=grid, seeds=n_seeds)
     cwd = os.getcwd()
     commands: list[str] = []
@@ -558,21 +597,7 @@ def _run(adir: Run, sweep: Sweep, grid: list[str], cfg: Config, explicit: dict[s
         return p
 
     if todo:
-        with rep:
-            rep.start(f"ablate {sweep.name} points", len(todo))
-            with cf.ThreadPoolExecutor(max_workers=n_jobs) as pool:
-                futures = {pool.submit(work, p): p for p in todo}
-                try:
-                    for fut in cf.as_completed(futures):
-                        p = fut.result()
-                        ok = "done" if p.status == "completed" else f"FAILED ({p.reason})"
-                        rep.advance(1, info=f"{p.label}: {p.status}")
-                        rep.note(f"ablate {sweep.name}: {p.label} {ok}")
-                except KeyboardInterrupt:
-                    for f in futures:
-                        f.cancel()
-                    stop_children()
-                    raise
+        _run_parallel(todo, work, n_jobs, sweep, rep)
     rows = table_rows(sweep, grid, points)
     write_table(adir, sweep, rows)
     bad = [p for p in points if p.status != "completed"]

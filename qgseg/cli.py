@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 import typer
+from typer.core import TyperCommand
 from typing_extensions import Annotated
 
-from qgseg.errors import InputError, QgsegError
+from qgseg.errors import QgsegError
 
 log = logging.getLogger("qgseg")
 
@@ -35,7 +36,7 @@ app = typer.Typer(
 )
 
 # ---------------------------------------------------------------------------------------------
-# shared options
+# shared options: one alias per option that several commands take
 # ---------------------------------------------------------------------------------------------
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML run file (default: ./qgseg.toml if present).", rich_help_panel="Configuration")]
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Built-in preset: paper (GPU, paper-faithful), cpu (small, fast) or demo (qgseg demo's minutes-long settings).", rich_help_panel="Configuration")]
@@ -50,6 +51,30 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run give
 LabeledOpt = Annotated[Optional[str], typer.Option("--labeled", help="Labeled data folder (images + masks).", rich_help_panel="Data")]
 UnlabeledOpt = Annotated[Optional[str], typer.Option("--unlabeled", help="Unlabeled image folder.", rich_help_panel="Data")]
 SizeOpt = Annotated[Optional[int], typer.Option("--image-size", help="Side length images are resized to.", rich_help_panel="Data")]
+KOpt = Annotated[Optional[int], typer.Option("--k", help="Corrupted masks per training image (K).")]
+WeakOpt = Annotated[Optional[str], typer.Option("--weak", help="train-weak run for Type 2 masks (default: newest matching one).")]
+
+
+def QualityOpt(help: str) -> Any:  # noqa: N802 - used like the option aliases above
+    """``--quality RUN`` (a train-quality run); each command says what it uses g for."""
+    return Annotated[Optional[str], typer.Option("--quality", help=help)]
+
+
+# the one option -> config key map: a command's parameter of this name sets that key
+OPTION_KEYS: dict[str, str] = {
+    "seed": "seed", "device": "device",
+    "labeled": "data.labeled", "unlabeled": "data.unlabeled", "image_size": "data.image_size",
+    "k": "corrupt.k", "p_weak": "corrupt.p_weak", "corrupt_run": "corrupt.run", "weak": "weak.run",
+    "backbone": "quality.backbone", "quality_epochs": "quality.epochs", "weights_file": "quality.weights_file",
+    "resample": "quality.resample",
+    "method": "ssl.method", "qw": "ssl.qw", "qar_weight": "ssl.qar_weight", "quality": "ssl.quality",
+    "arch": "model.arch", "encoder": "model.encoder", "epochs": "train.epochs",
+}
+
+
+def config_options(params: dict[str, Any]) -> dict[str, Any]:
+    """``{config key: value}`` of a command's parameters that OPTION_KEYS maps (None = not given)."""
+    return {OPTION_KEYS[name]: value for name, value in params.items() if name in OPTION_KEYS}
 
 
 class Ctx:
@@ -201,13 +226,26 @@ def inspect(
 # ---------------------------------------------------------------------------------------------
 # ssl
 # ---------------------------------------------------------------------------------------------
-@app.command()
+class _SSLCommand(TyperCommand):
+    """ssl's --method help lists the registered methods (qgseg/methods) when the help is shown."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        from qgseg.methods import method_names  # the registry; imports no torch
+
+        names = method_names()
+        for p in self.params:
+            if p.name == "method":
+                p.help = ", ".join(names[:-1]) + " or " + names[-1] + "."
+        super().format_help(ctx, formatter)
+
+
+@app.command(cls=_SSLCommand)
 @command
 def ssl(
-    method: Annotated[Optional[str], typer.Option("--method", "-m", help="sup, pl-t, pl-c, pl, mt, ua-mt, ict, cl, cps or qar.")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="An SSL method (qgseg/methods).")] = None,
     qw: Annotated[Optional[bool], typer.Option("--qw/--no-qw", help="Weight each unlabeled sample's loss by g(x, pseudolabel) (pseudolabel methods).")] = None,
     qar_weight: Annotated[Optional[float], typer.Option("--qar-weight", help="Add lambda_qar * (1 - g(x_u, f(x_u))) to any method (qar: 0.01).")] = None,
-    quality: Annotated[Optional[str], typer.Option("--quality", help="train-quality run with g (default: newest completed).")] = None,
+    quality: QualityOpt("train-quality run with g (default: newest completed).") = None,
     arch: Annotated[Optional[str], typer.Option("--arch", help="unetpp, attention-unet, swin-unet, unet or any smp architecture.")] = None,
     encoder: Annotated[Optional[str], typer.Option("--encoder", help="smp encoder name (default: the architecture's).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Maximum epochs (train.epochs).")] = None,
@@ -220,10 +258,7 @@ def ssl(
     from qgseg.report import Reporter, kv_table, mean_se_str
     from qgseg.ssl import run_ssl
 
-    opts: dict[str, Any] = {"ssl.method": method, "ssl.qw": qw, "ssl.qar_weight": qar_weight, "ssl.quality": quality,
-                            "model.arch": arch, "model.encoder": encoder, "train.epochs": epochs,
-                            "data.labeled": labeled, "data.unlabeled": unlabeled, "data.image_size": image_size,
-                            "seed": seed, "device": device}
+    opts = config_options(locals())
     if arch is not None and encoder is None:
         opts["model.encoder"] = ""  # --arch alone: that architecture's default encoder
     ctx = _setup(preset, config, sets, opts, json_out, quiet, debug)
@@ -264,8 +299,8 @@ def _summary_table(title: str, summary: dict[str, Any], skip: tuple[str, ...] = 
 @command
 def corrupt(
     labeled: LabeledOpt = None,
-    k: Annotated[Optional[int], typer.Option("--k", help="Corrupted masks per training image (K).")] = None,
-    weak: Annotated[Optional[str], typer.Option("--weak", help="train-weak run for Type 2 masks (default: newest matching one).")] = None,
+    k: KOpt = None,
+    weak: WeakOpt = None,
     p_weak: Annotated[Optional[float], typer.Option("--p-weak", help="Probability of a Type 2 (weak model) mask.")] = None,
     image_size: SizeOpt = None,
     config: ConfigOpt = None, preset: PresetOpt = None, sets: SetOpt = None, out: OutOpt = None,
@@ -274,10 +309,8 @@ def corrupt(
     """Materialise D_Q: K corrupted masks per training image with their Dice (plus val/test sets)."""
     from qgseg.report import rows_table
 
-    ctx = _setup(preset, config, sets, {"data.labeled": labeled, "corrupt.k": k, "weak.run": weak,
-                                        "corrupt.p_weak": p_weak, "data.image_size": image_size,
-                                        "seed": seed}, json_out, quiet, debug)
-    from qgseg.phase1 import run_corrupt  # after the config check: config errors answer without torch
+    ctx = _setup(preset, config, sets, config_options(locals()), json_out, quiet, debug)
+    from qgseg.corrupt import run_corrupt  # after the config check: config errors answer without torch
 
     run, summary = run_corrupt(ctx.loaded, out=out)
 
@@ -306,7 +339,7 @@ def train_weak(
     from qgseg.config import parse_set
     from qgseg.report import Reporter, rows_table
 
-    opts: dict[str, Any] = {"data.labeled": labeled, "data.image_size": image_size, "seed": seed, "device": device}
+    opts = config_options(locals())
     if epochs_at is not None:
         opts.update(parse_set([f"weak.epochs_at={epochs_at}"]))
     ctx = _setup(preset, config, sets, opts, json_out, quiet, debug)
@@ -323,10 +356,10 @@ def train_weak(
 def train_quality(
     labeled: LabeledOpt = None,
     corrupt_run: Annotated[Optional[str], typer.Option("--corrupt", help="corrupt run with D_Q (default: generate it).")] = None,
-    weak: Annotated[Optional[str], typer.Option("--weak", help="train-weak run for Type 2 masks (default: newest matching one).")] = None,
+    weak: WeakOpt = None,
     backbone: Annotated[Optional[str], typer.Option("--backbone", help="timm backbone of g, e.g. resnet18.")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="Maximum epochs (quality.epochs).")] = None,
-    k: Annotated[Optional[int], typer.Option("--k", help="Corrupted masks per training image (K).")] = None,
+    quality_epochs: Annotated[Optional[int], typer.Option("--epochs", help="Maximum epochs (quality.epochs).")] = None,
+    k: KOpt = None,
     weights_file: Annotated[Optional[str], typer.Option("--weights-file", help="Local pretrained weights for the backbone.")] = None,
     resample: Annotated[Optional[bool], typer.Option("--resample/--no-resample", help="Fresh corruptions every epoch after the first (quality.resample; cpu preset: on).")] = None,
     image_size: SizeOpt = None,
@@ -337,11 +370,8 @@ def train_quality(
     """Train the quality predictor g(image, mask) ~ Dice and test its grounding in the image."""
     from qgseg.report import Reporter
 
-    ctx = _setup(preset, config, sets, {"data.labeled": labeled, "corrupt.run": corrupt_run, "weak.run": weak,
-                                        "quality.backbone": backbone, "quality.epochs": epochs, "corrupt.k": k,
-                                        "quality.weights_file": weights_file, "quality.resample": resample,
-                                        "data.image_size": image_size, "seed": seed, "device": device}, json_out, quiet, debug)
-    from qgseg.phase1 import run_train_quality
+    ctx = _setup(preset, config, sets, config_options(locals()), json_out, quiet, debug)
+    from qgseg.train_quality import run_train_quality
 
     run, summary = run_train_quality(ctx.loaded, out=out, resume=resume, reporter=Reporter(quiet=quiet))
     _emit(json_out, summary, lambda: _summary_table(f"quality predictor g ({summary['run']})", summary,
@@ -358,7 +388,7 @@ def evaluate(
     data: Annotated[Optional[Path], typer.Option("--data", help="Evaluate on all cases of another labeled data set (cross-dataset).")] = None,
     split: Annotated[str, typer.Option("--split", help="Split of the run's own data: train, val or test.")] = "test",
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last (train-weak runs: the last weak_eNNN.pt).")] = "best",
-    quality: Annotated[Optional[str], typer.Option("--quality", help="train-quality run for the predicted-quality column (default: newest completed of the same image size).")] = None,
+    quality_run: QualityOpt("train-quality run for the predicted-quality column (default: newest completed of the same image size).") = None,
     config: ConfigOpt = None, preset: PresetOpt = None, sets: SetOpt = None, device: DeviceOpt = None,
     json_out: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
@@ -366,8 +396,8 @@ def evaluate(
     from qgseg.evaluate import run_evaluate
     from qgseg.report import kv_table, mean_se_str
 
-    ctx = _setup(preset, config, sets, {"device": device}, json_out, quiet, debug)
-    out, summary = run_evaluate(ctx.loaded, run, data_dir=data, split=split, checkpoint=checkpoint, quality=quality)
+    ctx = _setup(preset, config, sets, config_options(locals()), json_out, quiet, debug)
+    out, summary = run_evaluate(ctx.loaded, run, data_dir=data, split=split, checkpoint=checkpoint, quality=quality_run)
 
     def render():
         s = summary
@@ -400,7 +430,7 @@ def ablate(
     values: Annotated[Optional[str], typer.Option("--values", help="Comma-separated grid (default: the sweep's own grid).")] = None,
     seeds: Annotated[Optional[int], typer.Option("--seeds", help="Seeds per value (default: ablate.seeds).")] = None,
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Points run in parallel processes (default: ablate.jobs).")] = None,
-    quality: Annotated[Optional[str], typer.Option("--quality", help="train-quality run for the ssl points (default: reuse / newest / train one).")] = None,
+    quality_run: QualityOpt("train-quality run for the ssl points (default: reuse / newest / train one).") = None,
     print_commands: Annotated[bool, typer.Option("--print-commands", help="Print one shell command per unfinished point (for a job array) instead of running.")] = False,
     labeled: LabeledOpt = None, unlabeled: UnlabeledOpt = None, image_size: SizeOpt = None,
     config: ConfigOpt = None, preset: PresetOpt = None, sets: SetOpt = None,
@@ -413,11 +443,9 @@ def ablate(
     from qgseg.ablate import run_ablate
     from qgseg.report import Reporter
 
-    ctx = _setup(preset, config, sets, {"data.labeled": labeled, "data.unlabeled": unlabeled,
-                                        "data.image_size": image_size, "seed": seed, "device": device},
-                 json_out, quiet, debug)
+    ctx = _setup(preset, config, sets, config_options(locals()), json_out, quiet, debug)
     try:
-        res = run_ablate(ctx.loaded, name, values=values, seeds=seeds, jobs=jobs, out=out, quality=quality,
+        res = run_ablate(ctx.loaded, name, values=values, seeds=seeds, jobs=jobs, out=out, quality=quality_run,
                          print_commands=print_commands, reporter=Reporter(quiet=quiet))
     except KeyboardInterrupt:
         print("qgseg: interrupted; the running points stopped resumably: rerun the same command to continue",
@@ -460,11 +488,11 @@ def demo(
     from qgseg.demo import run_demo
     from qgseg.report import setup_logging
 
-    # before torch loads: idle OpenMP threads must not spin, or a busy 2-core machine slows ~10x (DESIGN.md)
+    # before torch loads: idle OpenMP threads must not spin, or a busy 2-core machine slows ~10x
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     setup_logging(quiet=quiet or json_out and not sys.stderr.isatty(), debug=debug)
     # the demo is self-contained: ./qgseg.toml is read only when given with --config
-    loaded = load_config(preset=preset, config_file=config, options={"seed": seed, "device": device},
+    loaded = load_config(preset=preset, config_file=config, options=config_options(locals()),
                          sets=sets or [], cwd=Path(__file__).parent / "presets")
     summary = run_demo(loaded, out=out, n_labeled=n_labeled, n_unlabeled=n_unlabeled, quiet=quiet)
     _emit(json_out, summary, lambda: render_demo(summary))
@@ -472,7 +500,6 @@ def demo(
 
 def main() -> None:
     """Console-script entry point."""
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     try:
         app()
     finally:

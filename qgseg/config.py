@@ -137,9 +137,7 @@ class Config:
     def replace(self, **dotted: Any) -> "Config":
         """A copy with ``section.key`` values replaced (checked like any other source)."""
         tree = merge(to_dict(self), dotted, "replace")
-        # as in load_config: method qar without a QAR weight takes the paper's 0.01
-        if tree["ssl"]["method"] == "qar" and tree["ssl"]["qar_weight"] == 0 and "ssl.qar_weight" not in dotted:
-            tree["ssl"]["qar_weight"] = 0.01
+        _apply_method_defaults(tree, dotted)  # as in load_config
         return build_config(tree, "replace")
 
 
@@ -207,9 +205,52 @@ _CHECKS: dict[str, tuple[Any, str]] = {
 
 
 def _method_names() -> tuple[str, ...]:
-    from qgseg.methods import NAMES  # the registry itself; imports no torch
+    from qgseg.methods import method_names  # the registry itself; imports no torch
 
-    return NAMES
+    return method_names()
+
+
+def _apply_method_defaults(tree: dict[str, Any], given: Iterable[str]) -> None:
+    """The selected method's config defaults (``Method.defaults``, e.g. qar's ssl.qar_weight = 0.01),
+    for each key not ``given`` and still at its built-in default. An unknown method is left to the
+    range check."""
+    name = tree["ssl"]["method"]
+    if name not in _method_names():
+        return
+    from qgseg.methods import get_method
+
+    given = set(given)
+    for dotted, value in get_method(name).defaults.items():
+        sec, key = dotted.split(".", 1)
+        if dotted not in given and tree[sec][key] == _default_of(dotted):
+            tree[sec][key] = value
+
+
+def method_settings(name: str, cfg: Config) -> dict[str, Any]:
+    """``section.key`` values that switch a configuration to method ``name`` (ablate, demo).
+
+    Keys some method brings defaults for (``ssl.qar_weight``) keep the configuration's value when
+    it is set (non-zero) and this method has a default for them, take the method's default when
+    not, and go back to the built-in default for a method without one.
+    """
+    from qgseg.methods import get_method
+
+    method = get_method(name)
+    out: dict[str, Any] = {"ssl.method": name}
+    for key in sorted({k for n in _method_names() for k in get_method(n).defaults}):
+        if key in method.defaults:
+            out[key] = get_key(cfg, key) or method.defaults[key]
+        else:
+            out[key] = get_key(Config(), key)
+    return out
+
+
+def get_key(cfg: Config, dotted: str) -> Any:
+    """The value of ``section.key`` (or a top-level key) in a config."""
+    if "." in dotted:
+        sec, key = dotted.split(".", 1)
+        return getattr(getattr(cfg, sec), key)
+    return getattr(cfg, dotted)
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
@@ -426,14 +467,20 @@ def load_config(
         tree = merge(tree, flat, source)
         for k in flat:
             explicit[k] = source
-    # method-specific default: method qar uses lambda_qar = 0.01 unless set
-    if tree["ssl"]["method"] == "qar" and "ssl.qar_weight" not in explicit:
-        tree["ssl"]["qar_weight"] = 0.01
+    _apply_method_defaults(tree, explicit)  # e.g. method qar brings lambda_qar = 0.01 unless set
     cfg = build_config(tree, source=_describe(explicit))
-    if cfg.ssl.method == "qar" and cfg.ssl.qar_weight <= 0:
-        raise InputError(f"{explicit.get('ssl.qar_weight', 'configuration')}: ssl.qar_weight must "
-                         "be > 0 for method qar")
+    _check_method_keys(cfg, explicit)
     return Loaded(cfg, explicit, used_file)
+
+
+def _check_method_keys(cfg: Config, explicit: Mapping[str, str]) -> None:
+    """The keys the selected method needs > 0 (``Method.positive``)."""
+    from qgseg.methods import get_method
+
+    for dotted in get_method(cfg.ssl.method).positive:
+        if get_key(cfg, dotted) <= 0:
+            raise InputError(f"{explicit.get(dotted, 'configuration')}: {dotted} must be > 0 for method "
+                             f"{cfg.ssl.method}")
 
 
 def _describe(explicit: Mapping[str, str]) -> str:

@@ -1,7 +1,7 @@
 """Type 1 mask corruptions (seeded) and their Dice targets for training the quality predictor g.
 
 Every operation is a callable ``op(mask, rng) -> mask`` on uint8 (H,W) {0,1} masks. Sizes in
-DESIGN.md (kernels, radii, shift lengths) are given for 224 px images; here they are scaled by
+the paper's setup (kernels, radii, shift lengths) are given for 224 px images; here they are scaled by
 ``sqrt(H*W) / 224`` (kernels stay odd and >= 3). A :class:`Corruptor` draws a category with the
 probabilities in :data:`CATEGORIES`, then operations within it; :func:`corrupt_dataset` makes K
 samples per case with one independent generator per sample.
@@ -17,19 +17,25 @@ import os
 import random
 import zipfile
 from collections.abc import Callable
-from types import ModuleType
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
 
 from qgseg.errors import InputError
+from qgseg.runs import atomic_write_bytes
 
 if TYPE_CHECKING:
     import albumentations as A
     import pandas as pd
+
+    from qgseg.config import Config
+    from qgseg.data import LabeledData
+    from qgseg.report import Reporter
+    from qgseg.runs import Run
 
 Op = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
@@ -536,7 +542,7 @@ OPS: dict[str, Op] = {name: op for table in (_SINGLE, _BLOB, _HEAVY, _CATASTROPH
                       for name, (op, _) in table.items()}
 
 #: Weights of the operations drawn within each category ("single" also draws the blobs, as in
-#: DESIGN's list of single operations; "chained" draws from the single operations without blobs).
+#: the paper's list of single operations; "chained" draws from the single operations without blobs).
 WEIGHTS: dict[str, dict[str, float]] = {
     "single": {n: w for n, (_, w) in (_SINGLE | _BLOB).items()},
     "chained": {n: w for n, (_, w) in _SINGLE.items()},
@@ -709,7 +715,7 @@ def _decode(arr: np.ndarray) -> list[str]:
 
 
 def save_set(cs: CorruptedSet, path: Path) -> None:
-    """Write the set as one .npz (bit-packed masks), atomically (tmp file then os.replace)."""
+    """Write the set as one .npz (bit-packed masks), atomically (runs.atomic_write_bytes)."""
     path = Path(path)
     m, h, w = cs.masks.shape
     packed = np.packbits(cs.masks.reshape(m, -1) != 0, axis=1)
@@ -717,17 +723,7 @@ def save_set(cs: CorruptedSet, path: Path) -> None:
     np.savez(buf, packed=packed, shape=np.array([m, h, w], np.int64),
              case=cs.case.astype(np.int32), dice=cs.dice.astype(np.float32),
              category=_encode(cs.category), ops=_encode(cs.ops))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(buf.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def load_set(path: Path) -> CorruptedSet:
@@ -744,3 +740,121 @@ def load_set(path: Path) -> CorruptedSet:
         raise InputError(f"{path}: corrupted-mask set not found") from None
     except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
         raise InputError(f"{path}: not a corrupted-mask set written by qgseg ({e})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# D_Q and the ``qgseg corrupt`` command
+#
+# D_Q pairs each training image with K corrupted versions of its mask (Type 1 synthetic
+# corruptions and, with probability p_weak, Type 2 weak-model predictions) and their Dice to the
+# ground truth. Validation and test sets are corruptions of the val and test images with a seed
+# fixed by the split seed, so every g trained on the same split is judged on the same masks.
+
+SPLIT_SALT = {"train": 0, "val": 1, "test": 2}
+FOREIGN_SALT = 3  # D_Q seed salt of a whole other data set (``qgseg evaluate --data``)
+
+
+def eval_seed(salt: int, split_seed: int) -> int:
+    """Seed of the evaluation corruptions of a split (salt from SPLIT_SALT) or of another data set."""
+    return 1_000_003 * salt + split_seed
+
+
+def build_dq(cfg: Config, data: LabeledData, splits: dict[str, list[str]],
+             weak: np.ndarray | None) -> dict[str, CorruptedSet]:
+    """Corrupted sets for train (K per image, seed = cfg.seed) and val / test (eval_k per image,
+    seeds fixed by data.split_seed)."""
+    from qgseg.data import positions
+
+    pos = positions(data.stems)
+    out = {}
+    for split in ("train", "val", "test"):
+        idx = np.array([pos[s] for s in splits[split]])
+        if split == "train":
+            k, seed = cfg.corrupt.k, cfg.seed
+        else:
+            k, seed = cfg.corrupt.eval_k, eval_seed(SPLIT_SALT[split], cfg.data.split_seed)
+        w = weak[:, idx] if weak is not None else None
+        out[split] = corrupt_dataset(data.masks[idx], k, seed, weak=w, p_weak=cfg.corrupt.p_weak)
+    return out
+
+
+def dq_summary(cs: CorruptedSet) -> dict[str, Any]:
+    """Size, category counts and Dice distribution of a corrupted set (the corrupt summary)."""
+    import pandas as pd
+
+    d = cs.dice.astype(float)
+    cats = pd.Series(cs.category).value_counts()
+    q = np.quantile(d, [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]) if len(d) else np.zeros(7)
+    return {
+        "masks": int(len(cs)),
+        "categories": {k: int(v) for k, v in cats.items()},
+        "dice_quantiles": dict(zip(["min", "q10", "q25", "median", "q75", "q90", "max"], map(float, q))),
+        "share_below_0.5": float((d < 0.5).mean()) if len(d) else 0.0,
+        "share_above_0.9": float((d > 0.9).mean()) if len(d) else 0.0,
+    }
+
+
+def labeled_and_splits(cfg: Config, run: Run) -> tuple[LabeledData, dict[str, list[str]]]:
+    """The labeled data and its train / val / test split (written to the run's splits.json)."""
+    from qgseg import data as D
+    from qgseg.runs import write_json
+
+    data = D.load_labeled(cfg.data.labeled, cfg.data.image_size, cfg.data.cache_dir)
+    splits = D.run_splits(data.stems, cfg.data.split_seed, data.root, cfg.data.max_labeled)
+    write_json(run.path / "splits.json", splits)
+    return data, splits
+
+
+def load_dq(run: Run, cfg: Config, splits: dict[str, list[str]]) -> dict[str, CorruptedSet]:
+    """D_Q from a corrupt run; it must be of the same image size and split."""
+    from qgseg.config import load_run_config
+    from qgseg.runs import read_json
+
+    rcfg = load_run_config(run.path)
+    if rcfg.data.image_size != cfg.data.image_size:
+        raise InputError(f"--corrupt {run.path}: made at {rcfg.data.image_size} px, this run uses "
+                         f"{cfg.data.image_size} px")
+    if read_json(run.path / "splits.json") != splits:
+        raise InputError(f"--corrupt {run.path}: made from another train/val/test split "
+                         "(different data or data.split_seed)")
+    return {s: load_set(run.path / f"dq_{s}.npz") for s in ("train", "val", "test")}
+
+
+def run_corrupt(loaded, out: Path | str | None = None, resume: bool = False,
+                reporter: Reporter | None = None) -> tuple[Run, dict[str, Any]]:
+    """Materialise D_Q into a run directory (sets, index table, plots)."""
+    import pandas as pd
+
+    from qgseg import data as D
+    from qgseg import plots
+    from qgseg.runs import start_run
+    from qgseg.weak import weak_predictions
+
+    run, cfg, _ = start_run("corrupt", loaded, out, resume)
+    with run.guard():
+        data, splits = labeled_and_splits(cfg, run)
+        weak, weak_run = weak_predictions(cfg, data, "weak.run" in loaded.explicit)
+        sets = build_dq(cfg, data, splits, weak)
+        frames = []
+        for split, cs in sets.items():
+            save_set(cs, run.path / f"dq_{split}.npz")
+            f = cs.index_frame(splits[split])
+            f.insert(0, "split", split)
+            frames.append(f)
+        pd.concat(frames).to_csv(run.path / "index.csv", index=False)
+        tr = sets["train"]
+        first = D.positions(data.stems)[splits["train"][0]]
+        plots.corruption_examples(data.images[first], data.masks[first], _one_case(tr, 0),
+                                  run.plots / "examples.png")
+        plots.dice_histogram(tr.dice, run.plots / "dice_hist.png", by_category=tr.category)
+        summary = {"run": str(run.path), "stage": "corrupt", "image_size": cfg.data.image_size,
+                   "k": cfg.corrupt.k, "weak_run": weak_run, **dq_summary(tr)}
+        run.write_summary(summary)
+        run.set_status("completed")
+    return run, summary
+
+
+def _one_case(cs: CorruptedSet, case: int) -> CorruptedSet:
+    sel = np.nonzero(cs.case == case)[0]
+    return CorruptedSet(cs.case[sel], cs.masks[sel], cs.dice[sel], [cs.category[i] for i in sel],
+                        [cs.ops[i] for i in sel])

@@ -11,7 +11,7 @@ import hashlib
 import io
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -189,6 +189,11 @@ def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
     return (soft >= 0.5).astype(np.uint8)
 
 
+
+def positions(stems: Sequence[str]) -> dict[str, int]:
+    """stem -> its position in ``stems`` (a data set's row of each stem)."""
+    return {s: i for i, s in enumerate(stems)}
+
 # ----------------------------------------------------------------------------------------
 # data sets
 # ----------------------------------------------------------------------------------------
@@ -206,7 +211,7 @@ class LabeledData:
         return len(self.stems)
 
     def subset(self, stems: Sequence[str]) -> "LabeledData":
-        pos = {s: i for i, s in enumerate(self.stems)}
+        pos = positions(self.stems)
         idx = np.array([pos[s] for s in stems], dtype=np.int64)
         return LabeledData(self.root, self.layout, list(stems), self.images[idx], self.masks[idx],
                            self.orig_sizes[idx], self.grey_masks)

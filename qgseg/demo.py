@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from qgseg.config import Config, Loaded, dumps_toml
+from qgseg.config import Config, Loaded, dumps_toml, method_settings
 from qgseg.errors import InputError
 from qgseg.report import Reporter, mean_se_str
 from qgseg.runs import Run, atomic_write_text, read_json, write_json
@@ -56,8 +56,14 @@ class _Display:
         self.done = 0
         self.progress = None
         if enabled:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             from qgseg.report import stderr_console
 
@@ -142,12 +148,16 @@ def _synth(out: Path, n_labeled: int, n_unlabeled: int, size: int, seed: int) ->
 def run_demo(loaded: Loaded, out: Path | str | None = None, n_labeled: int = N_LABELED,
              n_unlabeled: int = N_UNLABELED, rows: tuple[tuple[str, bool], ...] = DEMO_ROWS,
              progress: bool | None = None, quiet: bool = False) -> dict[str, Any]:
-    """The whole pipeline on synthetic data; returns the comparison (also written to ``out``)."""
+    """The whole pipeline on synthetic data; returns the comparison (also written to ``out``).
+
+    Longer than most functions on purpose: it is the pipeline's stages in order, each a few lines
+    under the progress display, and reads best as one script.
+    """
     import sys
 
     from qgseg.evaluate import run_evaluate
-    from qgseg.phase1 import run_train_quality
     from qgseg.ssl import run_ssl
+    from qgseg.train_quality import run_train_quality
     from qgseg.weak import run_train_weak
 
     t_start = time.time()
@@ -193,8 +203,7 @@ def run_demo(loaded: Loaded, out: Path | str | None = None, n_labeled: int = N_L
             name = _row_name(method, qw)
             ui.begin(f"ssl {name}")
             t = time.time()
-            scfg = cfg.replace(**{"ssl.method": method, "ssl.qw": qw, "ssl.quality": str(q_run.path),
-                                  "ssl.qar_weight": (cfg.ssl.qar_weight or 0.01) if method == "qar" else 0.0})
+            scfg = cfg.replace(**{**method_settings(method, cfg), "ssl.qw": qw, "ssl.quality": str(q_run.path)})
             run, s, how = _stage(run_ssl, loaded_for(scfg), out / "ssl" / name, ui.stage())
             timings[f"ssl {name}"] = time.time() - t
             ssl_runs.append((method, qw, run))
@@ -235,8 +244,11 @@ def _row(method: str, qw: bool, run: Run, ev: dict[str, Any]) -> dict[str, Any]:
             "eval": ev.get("out", "")}
 
 
-METHOD_LABELS = {"sup": "Supervised", "pl": "PL", "mt": "MT", "qar": "QAR", "pl-t": "PL-T", "pl-c": "PL-C",
-                 "ua-mt": "UA-MT", "ict": "ICT", "cl": "CL", "cps": "CPS"}
+def method_label(name: str) -> str:
+    """A method's name in tables (``Method.label``); an unknown name as it is."""
+    from qgseg.methods import get_method, method_names
+
+    return get_method(name).label if name in method_names() else name
 
 
 def display_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -247,7 +259,7 @@ def display_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     body = []
     for r in summary["rows"]:
         corr = f(r["quality_pearson"])
-        body.append([METHOD_LABELS.get(r["method"], r["method"]), "✓" if r["qw"] else "",
+        body.append([method_label(r["method"]), "✓" if r["qw"] else "",
                      mean_se_str(f(r["dsc"]), f(r["dsc_se"])), mean_se_str(f(r["iou"]), f(r["iou_se"])),
                      mean_se_str(f(r["hd95"]), f(r["hd95_se"]), 2), "-" if math.isnan(corr) else f"{corr:.3f}",
                      _relative(r["run"], summary["out"])])

@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -64,31 +64,46 @@ def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
                .dot(np.array([1, 1 << 31], dtype=np.uint64)) % (1 << 62))
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-    np.random.seed(seed % (1 << 32))
-
-
 # ---------------------------------------------------------------------------------------------
 # the task protocol
 # ---------------------------------------------------------------------------------------------
-class Task(Protocol):
-    """What a stage gives the engine."""
+class Task:
+    """What a stage gives the engine: subclass it, set the attributes, write the four methods
+    that raise here; the hooks are no-ops unless a stage needs them."""
 
     modules: dict[str, nn.Module]  # everything checkpointed (trained or not, e.g. an EMA teacher)
     best_modules: tuple[str, ...]  # what best.pt keeps (e.g. ("model",))
     monitor: str  # key of evaluate()'s result used for early stopping and best.pt
     mode: str  # "max" or "min"
 
-    def batches(self, epoch: int, generator: torch.Generator) -> Iterable[Any]: ...
+    def batches(self, epoch: int, generator: torch.Generator) -> Iterable[Any]:
+        raise NotImplementedError
 
-    def steps_per_epoch(self) -> int: ...
+    def steps_per_epoch(self) -> int:
+        raise NotImplementedError
 
-    def loss(self, batch: Any, epoch: int, step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def loss(self, batch: Any, epoch: int, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
 
-    def after_step(self, step: int) -> None: ...
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        raise NotImplementedError
 
-    def evaluate(self, epoch: int) -> dict[str, float]: ...
+    # -- hooks ----------------------------------------------------------------------------------
+    def on_epoch_start(self, epoch: int) -> None:
+        """Before an epoch's first batch (modules already in train mode)."""
+
+    def after_step(self, step: int) -> None:
+        """After each optimiser step (e.g. an EMA teacher's update)."""
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """After an epoch's evaluation, before its checkpoints are written."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the task itself needs to resume (saved in last.pt)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s result on resume."""
 
 
 def fused_optimizer(device: torch.device) -> dict[str, bool]:
@@ -146,7 +161,9 @@ def module_specs(modules: dict[str, nn.Module]) -> dict[str, dict]:
 
 
 def _unwrap(m: nn.Module) -> nn.Module:
-    m = getattr(m, "_orig_mod", m)  # torch.compile
+    from qgseg.models import uncompiled
+
+    m = uncompiled(m)
     return getattr(m, "module", m)  # DDP / AveragedModel
 
 
@@ -159,6 +176,20 @@ def load_modules(modules: dict[str, nn.Module], state: dict[str, dict], source: 
         except RuntimeError as e:
             msg = str(e).splitlines()[0]
             raise InputError(f"{source}: weights for '{name}' do not fit this architecture ({msg[:200]})") from None
+
+
+def saved_module(path: Path | str, name: str, label: str, what: str = "checkpoint",
+                 where: str | None = None) -> tuple[dict[str, Any], dict]:
+    """(checkpoint, saved spec of its module ``name``); InputError when the file holds no such module.
+
+    ``label`` names the module in the message ("quality predictor"), ``where`` the file (default:
+    its path and a colon); ``what`` is passed to :func:`load_checkpoint`.
+    """
+    ck = load_checkpoint(path, what)
+    spec = (ck.get("specs") or {}).get(name)
+    if not spec or name not in (ck.get("modules") or {}):
+        raise InputError(f"{where or f'{path}:'} holds no {label} '{name}'")
+    return ck, spec
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,7 +232,7 @@ class Engine:
             "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs,
             "history": self.history,
-            "task": self.task.state_dict() if hasattr(self.task, "state_dict") else {},
+            "task": self.task.state_dict(),
         }
 
     def _restore(self, ck: dict[str, Any], source: str) -> None:
@@ -211,7 +242,7 @@ class Engine:
             self.scheduler.load_state_dict(ck["scheduler"])
         if self.scaler is not None and ck.get("scaler"):
             self.scaler.load_state_dict(ck["scaler"])
-        if hasattr(self.task, "load_state_dict") and ck.get("task") is not None:
+        if ck.get("task") is not None:
             self.task.load_state_dict(ck["task"])
         self.epoch = int(ck["epoch"])
         self.step = int(ck["step"])
@@ -281,8 +312,7 @@ class Engine:
             if math.isnan(value):
                 improved = False
             self.epoch = epoch
-            if hasattr(self.task, "on_epoch_end"):
-                self.task.on_epoch_end(epoch)
+            self.task.on_epoch_end(epoch)
             if improved:
                 self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
                 self.save_best()
@@ -328,8 +358,7 @@ class Engine:
         gen = torch.Generator().manual_seed(epoch_seed(self.s.seed, epoch, 2))
         for m in self.task.modules.values():
             m.train()
-        if hasattr(self.task, "on_epoch_start"):
-            self.task.on_epoch_start(epoch)
+        self.task.on_epoch_start(epoch)
         terms_log = TermLog(self.device)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         for batch in self.task.batches(epoch, gen):
@@ -459,3 +488,22 @@ def infinite(loader_fn, generator: torch.Generator) -> Iterator[Any]:
             yield b
         if empty:
             raise QgsegError("empty data loader")
+
+
+def fit_and_restore_best(run: Run, task: Task, optimizer: torch.optim.Optimizer, scheduler: Any,
+                         settings: FitSettings, device: torch.device, reporter: Reporter | None,
+                         resume: bool) -> FitResult | None:
+    """Fit the task, then load best.pt's ``best_modules`` back into it for the stage's test.
+
+    Under torchrun every rank fits; afterwards only rank 0 goes on (the others get None and stop:
+    rank 0 tests and writes the summary).
+    """
+    with (reporter or Reporter(enabled=False)) as rep:
+        fit = Engine(run, task, optimizer, scheduler, settings, device, rep).fit(resume=resume)
+    distributed.barrier()
+    if not distributed.is_main_process():
+        return None
+    path = run.checkpoints / "best.pt"
+    best = load_checkpoint(path, "best checkpoint")
+    load_modules({k: task.modules[k] for k in task.best_modules}, best["modules"], str(path))
+    return fit

@@ -14,8 +14,6 @@ from qgseg.predict import evaluate_predictions, predict_probs, summarise
 EVAL_STAGES = ("ssl", "train-weak", "train-quality")
 SPLITS = ("train", "val", "test")
 _GENERIC_DIR_NAMES = {"labeled", "images", "data", "train", "test", "val"}
-# D_Q seed salt of a whole foreign data set (phase1.SPLIT_SALT holds 0, 1, 2 for the splits)
-_FOREIGN_SALT = 3
 
 
 def dataset_name(folder: str | Path) -> str:
@@ -45,7 +43,7 @@ def _eval_data(run_path: Path, rcfg: Any, data_dir: str | Path | None, split: st
     stems = splits.get(split) or []
     if not stems:
         raise InputError(f"--split {split}: the run has no {split} cases")
-    pos = {s: i for i, s in enumerate(data.stems)}
+    pos = D.positions(data.stems)
     missing = [s for s in stems if s not in pos]
     if missing:
         raise InputError(f"{rcfg.data.labeled}: case {missing[0]} of the run's {split} split is gone "
@@ -111,10 +109,6 @@ def segmentation_checkpoint(run_path: Path, stage: str, checkpoint: str) -> Path
     return path
 
 
-def _clean(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in d.items()}
-
-
 def run_evaluate(loaded: Any, run_dir: str | Path, data_dir: str | Path | None = None, split: str = "test",
                  checkpoint: str = "best", quality: str | None = None) -> tuple[Path, dict[str, Any]]:
     """Evaluate a stored run into ``RUN/eval/<split or data set name>/`` (the run itself is not changed).
@@ -129,7 +123,7 @@ def run_evaluate(loaded: Any, run_dir: str | Path, data_dir: str | Path | None =
 
     from qgseg.config import load_run_config
     from qgseg.engine import resolve_device
-    from qgseg.runs import Run, write_json
+    from qgseg.runs import Run, json_ready, write_json
 
     log = logging.getLogger("qgseg")
     run_path = Path(run_dir)
@@ -160,7 +154,7 @@ def run_evaluate(loaded: Any, run_dir: str | Path, data_dir: str | Path | None =
     else:
         roots = _quality_roots(loaded.config.runs_root, run_path)
         summary = _evaluate_segmentation(run, stage, data, rows, checkpoint, quality, roots, device, out_dir)
-    summary = _clean({**base, **summary})
+    summary = json_ready({**base, **summary})
     write_json(out_dir / "summary.json", summary)
     return out_dir, summary
 
@@ -169,15 +163,12 @@ def _evaluate_segmentation(run: Any, stage: str, data: LabeledData, rows: np.nda
                            quality: str | None, roots: list[Path], device: torch.device,
                            out_dir: Path) -> dict[str, Any]:
     from qgseg import plots
-    from qgseg.engine import load_checkpoint, load_modules
+    from qgseg.engine import load_modules, saved_module
     from qgseg.metrics import regression_metrics
     from qgseg.models import build_segmenter
 
     ck_path = segmentation_checkpoint(run.path, stage, checkpoint)
-    ck = load_checkpoint(ck_path, "checkpoint")
-    spec = (ck.get("specs") or {}).get("model")
-    if not spec or "model" not in (ck.get("modules") or {}):
-        raise InputError(f"{ck_path}: holds no segmentation model 'model'")
+    ck, spec = saved_module(ck_path, "model", "segmentation model")
     model = build_segmenter(spec["arch"], spec.get("encoder", ""))
     load_modules({"model": model}, ck["modules"], str(ck_path))
     model.to(device)
@@ -216,18 +207,14 @@ def _evaluate_quality(run: Any, rcfg: Any, data: LabeledData, rows: np.ndarray, 
                       checkpoint: str, device: torch.device, out_dir: Path) -> dict[str, Any]:
     """g on corrupted masks of the cases: the same D_Q val/test sets train-quality made for a split."""
     from qgseg import plots
-    from qgseg.corrupt import corrupt_dataset
-    from qgseg.engine import load_checkpoint, load_modules
+    from qgseg.corrupt import FOREIGN_SALT, SPLIT_SALT, corrupt_dataset, eval_seed
+    from qgseg.engine import load_modules, saved_module
     from qgseg.metrics import regression_metrics
-    from qgseg.models import QualityNet
-    from qgseg.phase1 import SPLIT_SALT, quality_report
+    from qgseg.quality import QualityNet, mae_by_category, quality_report
     from qgseg.runs import Run
 
     ck_path = run.checkpoints / f"{checkpoint}.pt"
-    ck = load_checkpoint(ck_path, "checkpoint")
-    spec = (ck.get("specs") or {}).get("g")
-    if not spec or "g" not in (ck.get("modules") or {}):
-        raise InputError(f"{ck_path}: holds no quality predictor 'g'")
+    ck, spec = saved_module(ck_path, "g", "quality predictor")
     g = QualityNet(**spec)  # the architecture as saved
     load_modules({"g": g}, ck["modules"], str(ck_path))
     g.to(device).eval()
@@ -243,14 +230,13 @@ def _evaluate_quality(run: Any, rcfg: Any, data: LabeledData, rows: np.ndarray, 
             note = f"Type 2 masks left out: train-weak run {weak_run} is not usable ({e})"
     if foreign and rcfg.corrupt.p_weak > 0:
         note = "another data set: Type 1 corruptions only (the weak models were not trained on it)"
-    salt = _FOREIGN_SALT if foreign else SPLIT_SALT[split]
-    cs = corrupt_dataset(data.masks[rows], rcfg.corrupt.eval_k, 1_000_003 * salt + rcfg.data.split_seed,
+    salt = FOREIGN_SALT if foreign else SPLIT_SALT[split]
+    cs = corrupt_dataset(data.masks[rows], rcfg.corrupt.eval_k, eval_seed(salt, rcfg.data.split_seed),
                          weak=weak, p_weak=rcfg.corrupt.p_weak if weak is not None else 0.0)
     stems = [data.stems[i] for i in rows]
     metrics, table = quality_report(g, data, rows, cs, device, stems)
     table.to_csv(out_dir / "masks.csv", index=False)
-    per_cat = table.groupby("category")["abs_error"].agg(["mean", "count"]).rename(
-        columns={"mean": "mae", "count": "masks"})
+    per_cat = mae_by_category(table)
     per_cat.to_csv(out_dir / "mae_by_category.csv")
     r = regression_metrics(table["pred"].to_numpy(float), table["dice"].to_numpy(float))
     summary: dict[str, Any] = {"checkpoint": ck_path.name, "epoch": ck.get("epoch"), "backbone": spec["backbone"],

@@ -1,4 +1,4 @@
-"""Segmentation architectures by name, the quality predictor g(x, m), and weights-file loading.
+"""Segmentation architectures by name and weights-file loading (g, the quality net, is in quality.py).
 
 All networks start from random initialisation (no downloads); pretrained weights come from a
 local state dict (`weights_file`). Forward passes contain no Python-side shape logic, so the
@@ -9,14 +9,12 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Callable, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
 import timm
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qgseg.errors import InputError, QgsegError
@@ -24,9 +22,7 @@ from qgseg.errors import InputError, QgsegError
 __all__ = [
     "SEG_ARCHS",
     "SegNet",
-    "QualityNet",
     "build_segmenter",
-    "build_quality_net",
     "size_divisor",
     "check_image_size",
     "count_parameters",
@@ -36,7 +32,7 @@ __all__ = [
 SWIN_ENCODER = "tu-swin_tiny_patch4_window7_224"
 # Keys of classifier heads / final norms that a backbone checkpoint may carry and a
 # feature extractor (smp encoder, timm num_classes=0 model) does not have.
-_HEAD_PREFIXES = ("fc.", "head.", "head_drop.", "classifier.", "last_linear.", "norm.", "fc_norm.")
+HEAD_PREFIXES = ("fc.", "head.", "head_drop.", "classifier.", "last_linear.", "norm.", "fc_norm.")
 _LIST_SMP_ENCODERS = (
     "python -c \"import segmentation_models_pytorch as smp; print(smp.encoders.get_encoder_names())\""
 )
@@ -243,7 +239,7 @@ def build_segmenter(arch: str, encoder: str = "", weights_file: str = "") -> Seg
 
 
 def _load_segmenter_weights(model: SegNet, path: str) -> None:
-    state = _read_state_dict(path, "model.weights_file")
+    state = read_state_dict(path, "model.weights_file")
     candidates: list[tuple[nn.Module, bool]] = [(model, False), (model.net, False)]
     if model._is_smp:
         mod: nn.Module = model.net.encoder
@@ -260,7 +256,7 @@ def _load_segmenter_weights(model: SegNet, path: str) -> None:
         )
     if partial:
         state = _feature_net_keys(state, target.state_dict().keys())
-    _load_into(target, state, path, "model.weights_file", _HEAD_PREFIXES if partial else ())
+    load_into(target, state, path, "model.weights_file", HEAD_PREFIXES if partial else ())
 
 
 def _feature_net_keys(state: Mapping[str, torch.Tensor], expected) -> dict[str, torch.Tensor]:
@@ -292,157 +288,20 @@ def check_image_size(arch: str, size: int, key: str = "data.image_size") -> None
         raise InputError(f"{key}: {arch} needs an image size that is a multiple of {d} and at least {lo}, got {size}{hint}")
 
 
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module itself under a ``torch.compile`` wrapper (the wrapper shares its parameters)."""
+    return getattr(model, "_orig_mod", model)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (trainable or not)."""
     return sum(p.numel() for p in model.parameters())
 
 
-# --------------------------------------------------------------------------- quality net
-
-
-class QualityNet(nn.Module):
-    """g(x, m): predicted Dice of mask m for image x.
-
-    timm backbone by name with `in_chans` (= 4) inputs (normalised RGB + {0,1} mask), global
-    pooling, Dropout(0.15) -> Linear(F,256) -> ReLU -> Dropout(0.075) -> Linear(256,1) -> sigmoid.
-    The head keeps PyTorch's default Linear init: Kaiming fan-out init saturates the sigmoid from
-    random init and g collapses to a constant (see DESIGN, Phase 1 facts).
-    `input_size` > 0 resizes image and mask to that side length first (area averaging down,
-    bilinear up), so g can work at a lower resolution than the data: a mask becomes the share
-    of each coarse pixel it covers. `tta_views` > 1: in eval mode g averages its score over that
-    many flips / rotations of image and mask together (2: identity and horizontal flip; 4: the four
-    90-degree rotations; 8: those and their flips); training (train mode) always sees one view.
-    `QualityNet(**spec)` rebuilds the architecture.
-    """
-
-    def __init__(self, backbone: str = "resnet18", in_chans: int = 4, input_size: int = 0,
-                 tta_views: int = 1) -> None:
-        super().__init__()
-        _check_timm_backbone(backbone)
-        self.spec = {"backbone": backbone, "in_chans": in_chans, "input_size": input_size, "tta_views": 1}
-        self.views = tta_views
-        self.backbone = timm.create_model(backbone, in_chans=in_chans, num_classes=0, pretrained=False)
-        # the pooled width is not always num_features (MobileNetV3's conv head widens it): measure it
-        with torch.no_grad():
-            width = int(self.backbone.eval()(torch.zeros(1, in_chans, 64, 64)).shape[1])
-        self.backbone.train()
-        self.head = nn.Sequential(
-            nn.Dropout(0.15), nn.Linear(width, 256), nn.ReLU(inplace=True), nn.Dropout(0.075), nn.Linear(256, 1)
-        )
-
-    @property
-    def input_size(self) -> int:
-        return self.spec["input_size"]
-
-    @property
-    def views(self) -> int:
-        """Flip / rotation views g averages when it scores (saved in the spec as tta_views)."""
-        return self.spec["tta_views"]
-
-    @views.setter
-    def views(self, views: int) -> None:
-        if views not in TTA_VIEWS:
-            raise ValueError(f"tta_views must be one of {TTA_VIEWS}, got {views}")
-        self.spec["tta_views"] = views
-
-    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B,3,H,W) normalised image, (B,1,H,W) mask in [0,1] -> (B,) predicted Dice in (0,1)."""
-        x = torch.cat((image, mask.to(image.dtype)), dim=1)
-        if self.input_size and x.shape[-2:] != (self.input_size, self.input_size):
-            down = x.shape[-1] > self.input_size
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="area" if down else "bilinear")
-        views = 1 if self.training else self.views
-        if views == 1:
-            return torch.sigmoid(self.head(self.backbone(x))).squeeze(1)
-        scores = torch.sigmoid(self.head(self.backbone(dihedral_views(x, views)))).squeeze(1)
-        return scores.view(views, len(x)).mean(0)
-
-
-TTA_VIEWS = (1, 2, 4, 8)
-
-
-@contextmanager
-def scoring_views(net: QualityNet, views: int):
-    """Within the block g scores with `views` views; its own number is restored afterwards."""
-    saved, net.views = net.views, views
-    try:
-        yield net
-    finally:
-        net.views = saved
-
-
-def dihedral_views(x: torch.Tensor, views: int) -> torch.Tensor:
-    """(B,C,H,W) -> (views*B,C,H,W): the batch under `views` of the square's 8 flips / rotations."""
-    if views == 2:
-        return torch.cat((x, x.flip(-1)))
-    if x.shape[-1] != x.shape[-2]:
-        raise ValueError(f"rotation views need square inputs, got {tuple(x.shape[-2:])}")
-    rotations = [torch.rot90(x, k, (-2, -1)) for k in range(4)]
-    return torch.cat(rotations if views == 4 else rotations + [r.flip(-1) for r in rotations])
-
-
-def _check_timm_backbone(backbone: str) -> None:
-    if not timm.is_model(backbone):
-        raise InputError(
-            f"quality.backbone: unknown timm model '{backbone}'; e.g. resnet18, resnet34, resnet50, "
-            "efficientnet_b0, convnext_tiny; list all with python -c \"import timm; print(timm.list_models())\""
-        )
-
-
-def build_quality_net(
-    backbone: str = "resnet18", pretrained: bool = False, weights_file: str = "", in_chans: int = 4,
-    input_size: int = 0, tta_views: int = 1,
-) -> QualityNet:
-    """Build g with a timm backbone (`timm.create_model(backbone, in_chans=4, num_classes=0)`).
-
-    `weights_file`: a local state dict of the timm model with 3 input channels (or 4), or of a
-    whole QualityNet. A 3-channel first conv is adapted by appending a mask channel whose filters
-    are the mean of the RGB filters; classifier-head keys in the file are ignored and the g head
-    keeps its fresh init. `pretrained=True` fetches timm's 3-channel weights from the hub (needs
-    internet) and adapts them the same way. Unknown backbone -> InputError.
-    """
-    model = QualityNet(backbone, in_chans, input_size, tta_views)
-    if pretrained:
-        try:
-            src = timm.create_model(backbone, pretrained=True, num_classes=0)
-        except Exception as exc:  # network / hub errors come in many types
-            raise QgsegError(
-                f"quality.pretrained: could not fetch pretrained weights for '{backbone}' ({type(exc).__name__}); "
-                "offline machines should set quality.pretrained = false and use quality.weights_file"
-            ) from None
-        _load_into(model.backbone, _adapt_first_conv(src.state_dict(), model.backbone), "timm hub", "quality.pretrained")
-    if weights_file:
-        state = _read_state_dict(weights_file, "quality.weights_file")
-        whole = len(state.keys() & model.state_dict().keys()) > len(state.keys() & model.backbone.state_dict().keys())
-        target = model if whole else model.backbone
-        state = _adapt_first_conv(state, target)
-        _load_into(target, state, weights_file, "quality.weights_file", () if whole else _HEAD_PREFIXES)
-    return model
-
-
-def _adapt_first_conv(state: Mapping[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
-    """Append mean-of-RGB input filters where the file has 3 input channels and the model 4."""
-    expected = target.state_dict()
-    out = dict(state)
-    for k, w in state.items():
-        e = expected.get(k)
-        if (
-            e is not None
-            and w.ndim == 4
-            and e.ndim == 4
-            and w.shape[1] == 3
-            and e.shape[1] == 4
-            and w.shape[0] == e.shape[0]
-            and w.shape[2:] == e.shape[2:]
-        ):
-            out[k] = torch.cat((w, w.mean(dim=1, keepdim=True)), dim=1)
-    return out
-
-
 # --------------------------------------------------------------------------- weights files
 
 
-def _read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
     """Read a state dict (.safetensors or torch.load with weights_only=True), unwrapping common
     checkpoint containers and DDP / torch.compile key prefixes."""
     p = Path(path).expanduser()
@@ -472,7 +331,7 @@ def _read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_into(
+def load_into(
     module: nn.Module, state: Mapping[str, torch.Tensor], path: str, what: str, ignore: tuple[str, ...] = ()
 ) -> None:
     """Strict load; unexpected keys starting with `ignore` are dropped. Mismatches -> InputError."""
@@ -505,4 +364,4 @@ def load_state(module: nn.Module, path: str, what: str) -> None:
     `what` names the option or file for the message (e.g. "quality.weights_file"); missing or
     unexpected keys and shape mismatches raise one InputError line listing a few of each.
     """
-    _load_into(module, _read_state_dict(path, what), path, what)
+    load_into(module, read_state_dict(path, what), path, what)

@@ -1,14 +1,178 @@
-"""The frozen quality predictor g as phase 2 uses it: scores, the QAR loss and QW weights."""
+"""The quality predictor g(x, m) ~ Dice(m, y) in one place: the network, loading it from a
+checkpoint or a train-quality run, and scoring with it (flip / rotation views, the frozen
+predictor phase 2 uses for QAR and QW weights, and g's metrics on corrupted masks).
+"""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import pandas as pd
+import timm
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from qgseg.errors import InputError
+from qgseg.data import LabeledData, to_float_images, to_float_masks
+from qgseg.engine import autocast, saved_module
+from qgseg.errors import InputError, QgsegError
+from qgseg.metrics import regression_metrics
+from qgseg.models import HEAD_PREFIXES, load_into, read_state_dict
 from qgseg.runs import Run
 
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
+    from qgseg.corrupt import CorruptedSet
+
+
+# ---------------------------------------------------------------------------------------------
+# the network
+# ---------------------------------------------------------------------------------------------
+class QualityNet(nn.Module):
+    """g(x, m): predicted Dice of mask m for image x.
+
+    timm backbone by name with `in_chans` (= 4) inputs (normalised RGB + {0,1} mask), global
+    pooling, Dropout(0.15) -> Linear(F,256) -> ReLU -> Dropout(0.075) -> Linear(256,1) -> sigmoid.
+    The head keeps PyTorch's default Linear init: Kaiming fan-out init saturates the sigmoid from
+    random init and g collapses to a constant.
+    `input_size` > 0 resizes image and mask to that side length first (area averaging down,
+    bilinear up), so g can work at a lower resolution than the data: a mask becomes the share
+    of each coarse pixel it covers. `tta_views` > 1: in eval mode g averages its score over that
+    many flips / rotations of image and mask together (2: identity and horizontal flip; 4: the four
+    90-degree rotations; 8: those and their flips); training (train mode) always sees one view.
+    `QualityNet(**spec)` rebuilds the architecture.
+    """
+
+    def __init__(self, backbone: str = "resnet18", in_chans: int = 4, input_size: int = 0,
+                 tta_views: int = 1) -> None:
+        super().__init__()
+        _check_timm_backbone(backbone)
+        self.spec = {"backbone": backbone, "in_chans": in_chans, "input_size": input_size, "tta_views": 1}
+        self.views = tta_views
+        self.backbone = timm.create_model(backbone, in_chans=in_chans, num_classes=0, pretrained=False)
+        # the pooled width is not always num_features (MobileNetV3's conv head widens it): measure it
+        with torch.no_grad():
+            width = int(self.backbone.eval()(torch.zeros(1, in_chans, 64, 64)).shape[1])
+        self.backbone.train()
+        self.head = nn.Sequential(
+            nn.Dropout(0.15), nn.Linear(width, 256), nn.ReLU(inplace=True), nn.Dropout(0.075), nn.Linear(256, 1)
+        )
+
+    @property
+    def input_size(self) -> int:
+        return self.spec["input_size"]
+
+    @property
+    def views(self) -> int:
+        """Flip / rotation views g averages when it scores (saved in the spec as tta_views)."""
+        return self.spec["tta_views"]
+
+    @views.setter
+    def views(self, views: int) -> None:
+        if views not in TTA_VIEWS:
+            raise ValueError(f"tta_views must be one of {TTA_VIEWS}, got {views}")
+        self.spec["tta_views"] = views
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) normalised image, (B,1,H,W) mask in [0,1] -> (B,) predicted Dice in (0,1)."""
+        x = torch.cat((image, mask.to(image.dtype)), dim=1)
+        if self.input_size and x.shape[-2:] != (self.input_size, self.input_size):
+            down = x.shape[-1] > self.input_size
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="area" if down else "bilinear")
+        views = 1 if self.training else self.views
+        if views == 1:
+            return torch.sigmoid(self.head(self.backbone(x))).squeeze(1)
+        scores = torch.sigmoid(self.head(self.backbone(dihedral_views(x, views)))).squeeze(1)
+        return scores.view(views, len(x)).mean(0)
+
+
+TTA_VIEWS = (1, 2, 4, 8)
+
+
+@contextmanager
+def scoring_views(net: QualityNet, views: int):
+    """Within the block g scores with `views` views; its own number is restored afterwards."""
+    saved, net.views = net.views, views
+    try:
+        yield net
+    finally:
+        net.views = saved
+
+
+def dihedral_views(x: torch.Tensor, views: int) -> torch.Tensor:
+    """(B,C,H,W) -> (views*B,C,H,W): the batch under `views` of the square's 8 flips / rotations."""
+    if views == 2:
+        return torch.cat((x, x.flip(-1)))
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"rotation views need square inputs, got {tuple(x.shape[-2:])}")
+    rotations = [torch.rot90(x, k, (-2, -1)) for k in range(4)]
+    return torch.cat(rotations if views == 4 else rotations + [r.flip(-1) for r in rotations])
+
+
+def _check_timm_backbone(backbone: str) -> None:
+    if not timm.is_model(backbone):
+        raise InputError(
+            f"quality.backbone: unknown timm model '{backbone}'; e.g. resnet18, resnet34, resnet50, "
+            "efficientnet_b0, convnext_tiny; list all with python -c \"import timm; print(timm.list_models())\""
+        )
+
+
+def build_quality_net(
+    backbone: str = "resnet18", pretrained: bool = False, weights_file: str = "", in_chans: int = 4,
+    input_size: int = 0, tta_views: int = 1,
+) -> QualityNet:
+    """Build g with a timm backbone (`timm.create_model(backbone, in_chans=4, num_classes=0)`).
+
+    `weights_file`: a local state dict of the timm model with 3 input channels (or 4), or of a
+    whole QualityNet. A 3-channel first conv is adapted by appending a mask channel whose filters
+    are the mean of the RGB filters; classifier-head keys in the file are ignored and the g head
+    keeps its fresh init. `pretrained=True` fetches timm's 3-channel weights from the hub (needs
+    internet) and adapts them the same way. Unknown backbone -> InputError.
+    """
+    model = QualityNet(backbone, in_chans, input_size, tta_views)
+    if pretrained:
+        try:
+            src = timm.create_model(backbone, pretrained=True, num_classes=0)
+        except Exception as exc:  # network / hub errors come in many types
+            raise QgsegError(
+                f"quality.pretrained: could not fetch pretrained weights for '{backbone}' ({type(exc).__name__}); "
+                "offline machines should set quality.pretrained = false and use quality.weights_file"
+            ) from None
+        load_into(model.backbone, _adapt_first_conv(src.state_dict(), model.backbone), "timm hub", "quality.pretrained")
+    if weights_file:
+        state = read_state_dict(weights_file, "quality.weights_file")
+        whole = len(state.keys() & model.state_dict().keys()) > len(state.keys() & model.backbone.state_dict().keys())
+        target = model if whole else model.backbone
+        state = _adapt_first_conv(state, target)
+        load_into(target, state, weights_file, "quality.weights_file", () if whole else HEAD_PREFIXES)
+    return model
+
+
+def _adapt_first_conv(state: Mapping[str, torch.Tensor], target: nn.Module) -> dict[str, torch.Tensor]:
+    """Append mean-of-RGB input filters where the file has 3 input channels and the model 4."""
+    expected = target.state_dict()
+    out = dict(state)
+    for k, w in state.items():
+        e = expected.get(k)
+        if (
+            e is not None
+            and w.ndim == 4
+            and e.ndim == 4
+            and w.shape[1] == 3
+            and e.shape[1] == 4
+            and w.shape[0] == e.shape[0]
+            and w.shape[2:] == e.shape[2:]
+        ):
+            out[k] = torch.cat((w, w.mean(dim=1, keepdim=True)), dim=1)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# frozen g (phase 2)
+# ---------------------------------------------------------------------------------------------
 class QualityPredictor:
     """A frozen g(x, m) ~ Dice(m, y). Parameters never change and BatchNorm stays in eval mode."""
 
@@ -32,8 +196,6 @@ class QualityPredictor:
                  option: str = "--quality") -> "QualityPredictor":
         """Load g from a completed train-quality run (its best checkpoint)."""
         from qgseg.config import load_run_config
-        from qgseg.engine import load_checkpoint
-        from qgseg.models import QualityNet
 
         run = run if isinstance(run, Run) else Run(run)
         if run.status != "completed":
@@ -44,10 +206,8 @@ class QualityPredictor:
             raise InputError(f"{option} {run.path}: g was trained at {cfg.data.image_size} px but this run "
                              f"uses data.image_size = {image_size}; use the same image size or train g at "
                              f"{image_size} px")
-        ck = load_checkpoint(run.checkpoints / "best.pt", f"{option} checkpoint")
-        spec = ck.get("specs", {}).get("g")
-        if not spec or "g" not in ck.get("modules", {}):
-            raise InputError(f"{option} {run.path}: best.pt holds no quality predictor 'g'")
+        ck, spec = saved_module(run.checkpoints / "best.pt", "g", "quality predictor", f"{option} checkpoint",
+                                f"{option} {run.path}: best.pt")
         net = QualityNet(**spec)  # the architecture as saved
         try:
             net.load_state_dict(ck["modules"]["g"])
@@ -94,3 +254,78 @@ def weighted_mean(losses: torch.Tensor, weights: torch.Tensor | None, form: str 
     if form == "plain":
         return (weights * losses).mean()
     return (weights * losses).sum() / weights.sum().clamp_min(1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# g on corrupted masks (train-quality's validation and test, ``qgseg evaluate`` of a g run)
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict_quality(g, images: torch.Tensor, case_rows: np.ndarray, cs: CorruptedSet,
+                    device: torch.device, image_mode: str = "normal", seed: int = 0,
+                    batch_size: int = 128) -> np.ndarray:
+    """g's predictions for every mask of a corrupted set.
+
+    image_mode: "normal" (each mask with its own image), "zero" (the normalised image set to 0,
+    i.e. a mean-grey image), or "shuffled" (each mask with another case's image: a seeded
+    derangement of the cases).
+    """
+    g.eval()
+    rows = case_rows[cs.case]
+    if image_mode == "shuffled":
+        n = len(case_rows)
+        perm = np.random.default_rng(seed).permutation(n)
+        other = np.empty(n, np.int64)
+        other[perm] = np.roll(perm, 1)  # a cycle through all cases: nobody keeps its own image
+        rows = case_rows[other[cs.case]]
+    out = []
+    masks = torch.from_numpy(cs.masks)
+    for i in range(0, len(cs), batch_size):
+        x = to_float_images(images[torch.from_numpy(rows[i:i + batch_size])]).to(device)
+        if image_mode == "zero":
+            x = torch.zeros_like(x)
+        m = to_float_masks(masks[i:i + batch_size]).to(device)
+        with autocast(device):
+            out.append(g(x, m).float().cpu())
+    return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
+
+
+def grounding_checks(g, images: torch.Tensor, rows: np.ndarray, cs: CorruptedSet, device: torch.device,
+                     true: np.ndarray) -> dict[str, Any]:
+    """g's MAE with the image zeroed and with each mask on another case's image, and those predictions."""
+    zero = predict_quality(g, images, rows, cs, device, "zero")
+    shuf = predict_quality(g, images, rows, cs, device, "shuffled", seed=1)
+    return {"mae_zero_image": float(np.abs(zero - true).mean()),
+            "mae_shuffled_image": float(np.abs(shuf - true).mean()), "zero": zero, "shuffled": shuf}
+
+
+def quality_report(g, data: LabeledData, rows: np.ndarray, cs: CorruptedSet, device: torch.device,
+                   stems: list[str]) -> tuple[dict[str, float], pd.DataFrame]:
+    """Test metrics of g plus the contextual-grounding checks, and a per-mask table."""
+    images = torch.from_numpy(data.images)
+    true = cs.dice.astype(np.float64)
+    pred = predict_quality(g, images, rows, cs, device)
+    ground = grounding_checks(g, images, rows, cs, device, true)
+    zero, shuf = ground["zero"], ground["shuffled"]
+    r = regression_metrics(pred, true)
+    out = {k: r[k] for k in ("mae", "rmse", "pearson", "spearman")}
+    out["mae_zero_image"], out["mae_shuffled_image"] = ground["mae_zero_image"], ground["mae_shuffled_image"]
+    out["zero_image_mae_increase"] = out["mae_zero_image"] - out["mae"]
+    out["shuffled_image_mae_increase"] = out["mae_shuffled_image"] - out["mae"]
+    hi = true >= 0.7
+    if hi.sum() > 2:
+        rh = regression_metrics(pred[hi], true[hi])
+        out["pearson_dice_ge_0.7"], out["spearman_dice_ge_0.7"] = rh["pearson"], rh["spearman"]
+        out["mae_dice_ge_0.7"] = rh["mae"]
+    out["masks"] = int(len(cs))
+    table = cs.index_frame(stems)
+    table["pred"], table["pred_zero_image"], table["pred_shuffled_image"] = pred, zero, shuf
+    table["abs_error"] = np.abs(pred - true)
+    return out, table
+
+
+
+
+def mae_by_category(table: pd.DataFrame) -> pd.DataFrame:
+    """g's mean absolute error and mask count per corruption category of a :func:`quality_report` table."""
+    return (table.groupby("category")["abs_error"].agg(["mean", "count"])
+            .rename(columns={"mean": "mae", "count": "masks"}))

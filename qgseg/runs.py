@@ -1,6 +1,6 @@
 """Run directories: creation, meta.json status, atomic writes, and lookup of the newest run.
 
-Layout (see DESIGN.md): ``config.toml meta.json splits.json metrics.csv summary.json log.txt
+Layout (see docs/architecture.md): ``config.toml meta.json splits.json metrics.csv summary.json log.txt
 checkpoints/ plots/``. A run is only ``completed`` when its stage finished and wrote summary.json.
 """
 from __future__ import annotations
@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import socket
@@ -20,6 +21,11 @@ from typing import Any, Iterable, Iterator
 from qgseg.errors import InputError
 
 STATUSES = ("running", "completed", "failed", "interrupted")
+
+
+def json_ready(d: dict[str, Any]) -> dict[str, Any]:
+    """A summary with its NaN / infinite floats as None (JSON null), e.g. a metric undefined on no cases."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

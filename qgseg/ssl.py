@@ -13,7 +13,6 @@ and resume; at the end the best checkpoint is evaluated on the test split.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +23,14 @@ from torch import nn
 from qgseg import data as D
 from qgseg import distributed
 from qgseg.config import Config
-from qgseg.engine import Engine, FitSettings, fused_optimizer, infinite, load_checkpoint, load_modules, resolve_device
+from qgseg.engine import FitSettings, Task, fit_and_restore_best, fused_optimizer, infinite, resolve_device
 from qgseg.errors import InputError
-from qgseg.predict import evaluate_predictions, predict_probs, summarise
 from qgseg.methods import Context, Method, get_method, qw_methods, ramp_weight
 from qgseg.methods.common import EMATeacher
+from qgseg.predict import evaluate_predictions, predict_probs, summarise
 from qgseg.quality import QualityPredictor, weighted_mean
 from qgseg.report import Reporter
-from qgseg.runs import Run, latest, read_json, resolve_link, start_run, write_json
+from qgseg.runs import Run, json_ready, latest, read_json, resolve_link, start_run, write_json
 
 log = logging.getLogger("qgseg")
 STAGE = "ssl"
@@ -49,7 +48,7 @@ def check_config(cfg: Config) -> Method:
     method = get_method(cfg.ssl.method)
     if cfg.ssl.qw and not method.pseudolabel:
         raise InputError(f"--qw: method {method.name} has no pseudolabels for g to weight; --qw works with "
-                         + ", ".join(qw_methods()) + (" (QAR is a loss of its own)" if method.name == "qar" else ""))
+                         + ", ".join(qw_methods()) + (f" ({method.qw_note})" if method.qw_note else ""))
     check_image_size(cfg.model.arch, cfg.data.image_size)
     return method
 
@@ -89,7 +88,7 @@ def find_quality(cfg: Config) -> str:
 # ---------------------------------------------------------------------------------------------
 # the task
 # ---------------------------------------------------------------------------------------------
-class SSLTask:
+class SSLTask(Task):
     """Engine task of the ssl stage (see the module docstring for the loss)."""
 
     monitor = "val_dsc"
@@ -271,6 +270,27 @@ def _build_model(cfg: Config) -> nn.Module:
     return build_segmenter(cfg.model.arch, cfg.model.encoder, cfg.model.weights_file)
 
 
+def _test(run: Run, task: SSLTask, test: D.LabeledData, fit: Any, facts: dict[str, Any]) -> dict[str, Any]:
+    """The best f on the test split: ``test_cases.csv`` and the run's summary (``facts``: parameters and g)."""
+    cfg, model = task.cfg, task.model
+    probs = predict_probs(model, test.images, task.device, batch_size=cfg.train.batch_size)
+    cases = evaluate_predictions(test, probs, quality=task.quality, device=task.device, with_hd95=True)
+    cases.to_csv(run.path / "test_cases.csv", index=False)
+    summary: dict[str, Any] = {
+        "run": str(run.path), "stage": STAGE, "method": task.method.name, "qw": cfg.ssl.qw,
+        "qar_weight": cfg.ssl.qar_weight, "arch": model_spec(model)["arch"], "encoder": model_spec(model)["encoder"],
+        "parameters": facts["parameters"], "image_size": cfg.data.image_size, "quality_run": facts["quality_run"],
+        "quality_views": facts["quality_views"],
+        "n_train": len(task.lab_images), "n_val": len(task.val_set), "n_test": len(test),
+        "n_unlabeled": 0 if task.unl_images is None else len(task.unl_images),
+        "best_epoch": fit.best_epoch, "best_val_dsc": fit.best_value, "epochs_run": fit.epochs_run,
+        "stopped_early": fit.stopped_early, "train_seconds": round(fit.seconds, 2),
+    }
+    summary.update(summarise(cases, "test"))
+    summary["test_hd95_undefined"] = int(cases["hd95"].isna().sum())
+    return json_ready(summary)
+
+
 def run_ssl(loaded, out: Path | str | None = None, resume: bool = False,
             reporter: Reporter | None = None) -> tuple[Run, dict[str, Any]]:
     """Train f with an SSL method (``ssl.method``, ``ssl.qw``, ``ssl.qar_weight``); evaluate on test.
@@ -324,34 +344,17 @@ def run_ssl(loaded, out: Path | str | None = None, resume: bool = False,
         opt, sched = build_optimizer(task, cfg)
         settings = FitSettings(epochs=cfg.train.epochs, patience=cfg.train.patience, seed=cfg.seed,
                                grad_clip=cfg.train.grad_clip, precision=cfg.train.precision)
-        with (reporter or Reporter(enabled=False)) as rep:
-            fit = Engine(run, task, opt, sched, settings, device, rep).fit(resume=resuming)
-        distributed.barrier()
-        if not distributed.is_main_process():
+        fit = fit_and_restore_best(run, task, opt, sched, settings, device, reporter, resuming)
+        if fit is None:
             return run, {}  # rank 0 evaluates on test and writes the summary
-
-        best = load_checkpoint(run.checkpoints / "best.pt", "best checkpoint")
-        load_modules({"model": model}, best["modules"], str(run.checkpoints / "best.pt"))
-        probs = predict_probs(model, test.images, device, batch_size=cfg.train.batch_size)
-        cases = evaluate_predictions(test, probs, quality=quality, device=device, with_hd95=True)
-        cases.to_csv(run.path / "test_cases.csv", index=False)
-        summary: dict[str, Any] = {
-            "run": str(run.path), "stage": STAGE, "method": method.name, "qw": cfg.ssl.qw,
-            "qar_weight": cfg.ssl.qar_weight, "arch": model_spec(model)["arch"], "encoder": model_spec(model)["encoder"],
-            "parameters": params["model"], "image_size": cfg.data.image_size, "quality_run": quality_run,
-            "quality_views": quality_views,
-            "n_train": len(train), "n_val": len(val), "n_test": len(test),
-            "n_unlabeled": 0 if unlabeled is None else len(unlabeled),
-            "best_epoch": fit.best_epoch, "best_val_dsc": fit.best_value, "epochs_run": fit.epochs_run,
-            "stopped_early": fit.stopped_early, "train_seconds": round(fit.seconds, 2),
-        }
-        summary.update(summarise(cases, "test"))
-        summary["test_hd95_undefined"] = int(cases["hd95"].isna().sum())
-        summary = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in summary.items()}
+        summary = _test(run, task, test, fit, {"parameters": params["model"], "quality_run": quality_run,
+                                               "quality_views": quality_views})
         run.write_summary(summary)
         run.set_status("completed")
     return run, summary
 
 
 def model_spec(model: nn.Module) -> dict:
-    return dict(getattr(getattr(model, "_orig_mod", model), "spec", {}))
+    from qgseg.models import uncompiled
+
+    return dict(getattr(uncompiled(model), "spec", {}))

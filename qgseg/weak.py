@@ -8,27 +8,38 @@ for its training, validation and test sets.
 from __future__ import annotations
 
 import io
+import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
 
 from qgseg import data as D
-from qgseg.corrupt import dice_batch
-from qgseg.engine import Engine, FitSettings, fused_optimizer, resolve_device, save_checkpoint
+from qgseg.engine import Engine, FitSettings, Task, fused_optimizer, resolve_device, save_checkpoint
 from qgseg.errors import InputError
-from qgseg.predict import predict_probs
 from qgseg.losses import dice_only_loss
+from qgseg.metrics import dice_per_sample
 from qgseg.models import build_segmenter, check_image_size, count_parameters
+from qgseg.predict import predict_probs
 from qgseg.report import Reporter
 from qgseg.runs import Run, atomic_write_bytes, read_json, start_run, write_json
+
+if TYPE_CHECKING:
+    from qgseg.config import Config
+
+log = logging.getLogger("qgseg")
+
+
+def _dice(pred: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Per-case Dice (N,) float32 of (N,H,W) {0,1} masks; 1.0 where both are empty."""
+    return dice_per_sample(torch.from_numpy(pred), torch.from_numpy(masks)).numpy()
 
 STAGE = "train-weak"
 
 
-class WeakTask:
+class WeakTask(Task):
     monitor = "val_dsc"
     mode = "max"
     best_modules = ("model",)
@@ -63,12 +74,9 @@ class WeakTask:
         loss = dice_only_loss(self.model(x), y).mean()
         return loss, {"loss": loss.detach()}
 
-    def after_step(self, step: int) -> None:
-        pass
-
     def evaluate(self, epoch: int) -> dict[str, float]:
         probs = predict_probs(self.model, self.data.images[self.val_idx], self.device)
-        dsc = dice_batch((probs > 0.5).astype(np.uint8), self.data.masks[self.val_idx])
+        dsc = _dice((probs > 0.5).astype(np.uint8), self.data.masks[self.val_idx])
         return {"val_dsc": float(dsc.mean())}
 
     def on_epoch_end(self, epoch: int) -> None:
@@ -81,7 +89,7 @@ class WeakTask:
         pred = (probs > 0.5).astype(np.uint8)
         buf = io.BytesIO()
         np.savez(buf, packed=np.packbits(pred, axis=-1), shape=np.array(pred.shape),
-                 dice=dice_batch(pred, self.data.masks))
+                 dice=_dice(pred, self.data.masks))
         atomic_write_bytes(self.run.path / "predictions" / f"e{epoch:03d}.npz", buf.getvalue())
 
 
@@ -100,7 +108,7 @@ def run_train_weak(loaded, out: Path | str | None = None, resume: bool = False,
         splits = D.make_splits(data.stems, cfg.data.split_seed, data.root)
         write_json(run.path / "splits.json", splits)
         write_json(run.path / "stems.json", data.stems)  # row order of predictions/*.npz
-        pos = {s: i for i, s in enumerate(data.stems)}
+        pos = D.positions(data.stems)
         train_idx = np.array([pos[s] for s in splits["train"]])
         val_idx = np.array([pos[s] for s in splits["val"]])
         model = model.to(device)
@@ -161,7 +169,7 @@ def load_weak_predictions(run: Run, stems: list[str], image_size: int,
     if not files:
         raise InputError(f"{option} {run.path}: no stored predictions")
     preds, epochs = [], []
-    pos = {s: i for i, s in enumerate(weak_stems)}
+    pos = D.positions(weak_stems)
     idx = np.array([pos[s] for s in stems])
     for f in files:
         with np.load(f) as z:
@@ -170,3 +178,28 @@ def load_weak_predictions(run: Run, stems: list[str], image_size: int,
         preds.append(full[idx])
         epochs.append(int(f.stem[1:]))
     return np.stack(preds).astype(np.uint8), epochs
+
+
+def weak_predictions(cfg: Config, data: D.LabeledData, explicit: bool) -> tuple[np.ndarray | None, str]:
+    """Type 2 masks (C, N, H, W) for every labeled case from a train-weak run, or None.
+
+    An explicit ``--weak RUN`` must fit the data; without one, the newest completed train-weak
+    run of the same data and image size is used, and Type 2 masks are skipped if there is none.
+    """
+    from qgseg.runs import find_runs, resolve_link
+
+    if cfg.corrupt.p_weak <= 0:
+        return None, ""
+    if explicit or cfg.weak.run:
+        run = resolve_link(cfg.weak.run, cfg.runs_root, "train-weak", "--weak")
+        preds, _ = load_weak_predictions(run, data.stems, data.image_size)
+        return preds, str(run.path)
+    for run in reversed(find_runs(cfg.runs_root, "train-weak")):
+        try:
+            preds, _ = load_weak_predictions(run, data.stems, data.image_size)
+            return preds, str(run.path)
+        except (InputError, OSError, KeyError, ValueError):
+            continue
+    log.info("no completed train-weak run for this data and image size: D_Q has Type 1 masks only "
+             "(run `qgseg train-weak` first to add Type 2 masks)")
+    return None, ""

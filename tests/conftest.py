@@ -40,7 +40,7 @@ from typing import Callable
 
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 # Several torch processes sharing 2 cores slow each other ~10x with OpenMP's default busy-wait
-# (measured, see DESIGN.md); set before torch is imported by any test module.
+# (measured, see docs/architecture.md); set before torch is imported by any test module.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import cv2  # noqa: E402

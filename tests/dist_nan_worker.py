@@ -18,7 +18,7 @@ from qgseg.errors import TrainingDiverged
 from qgseg.runs import create_run
 
 
-class NanOnRank1:
+class NanOnRank1(E.Task):
     monitor, mode, best_modules = "val", "min", ("m",)
 
     def __init__(self):
@@ -38,9 +38,6 @@ class NanOnRank1:
         if distributed.rank() == 1 and step == 1:  # the second step (steps count from 0)
             loss = loss * float("nan")
         return loss, {"loss": loss.detach()}
-
-    def after_step(self, step):
-        pass
 
     def evaluate(self, epoch):
         return {"val": 1.0}

@@ -8,9 +8,9 @@ from pathlib import Path
 import cv2
 import pytest
 import typer
+from conftest import PH2, SYNTH_LABELED, needs_ph2
 from typer.testing import CliRunner
 
-from conftest import PH2, SYNTH_LABELED, needs_ph2
 from qgseg.cli import app
 
 runner = CliRunner()

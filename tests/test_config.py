@@ -314,7 +314,7 @@ def test_method_qar_defaults_qar_weight(tmp_path):
 
 # ---------------------------------------------------------------------------- paths
 def test_relative_paths_in_file_resolve_against_the_file(tmp_path, monkeypatch):
-    f = _write(tmp_path / "cfgs" / "run.toml",
+    _write(tmp_path / "cfgs" / "run.toml",
                '[data]\nlabeled = "../data/ph2"\nunlabeled = "unl"\ncache_dir = "cache"\n'
                '[quality]\nweights_file = "w/r18.pth"\n[model]\nweights_file = "/abs/m.pth"\n')
     monkeypatch.chdir(tmp_path / "cfgs")

@@ -10,9 +10,9 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from conftest import PH2, SYNTH_LABELED, SYNTH_SIZE, SYNTH_UNLABELED, needs_ph2
 from PIL import Image
 
-from conftest import SYNTH_LABELED, SYNTH_SIZE, SYNTH_UNLABELED, needs_ph2, PH2
 from qgseg import data as D
 from qgseg.errors import InputError
 

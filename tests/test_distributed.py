@@ -14,8 +14,8 @@ import torch
 from qgseg import data as D
 from qgseg import distributed
 from qgseg.engine import load_checkpoint
-from qgseg.predict import evaluate_predictions, predict_probs
 from qgseg.models import build_segmenter
+from qgseg.predict import evaluate_predictions, predict_probs
 from qgseg.runs import Run
 
 TINY = ["data.image_size=32", "model.arch=unet", "train.epochs=2", "train.batch_size=4",

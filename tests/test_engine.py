@@ -47,6 +47,7 @@ def test_termlog_reports_the_first_non_finite_step():
 
 def test_engine_names_the_step_of_a_nan_loss(tmp_path):
     from dist_nan_worker import NanOnRank1
+
     from qgseg.config import dumps_toml, load_config
     from qgseg.errors import TrainingDiverged
     from qgseg.runs import create_run

@@ -25,9 +25,9 @@ TINY = ["data.image_size=32", "corrupt.k=2", "corrupt.eval_k=2", "corrupt.p_weak
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A train-quality, an ssl (mt + QW) and a train-weak run on 32 px synthetic data."""
-    from qgseg.phase1 import run_train_quality
     from qgseg.ssl import run_ssl
     from qgseg.synth import generate
+    from qgseg.train_quality import run_train_quality
     from qgseg.weak import run_train_weak
 
     root = tmp_path_factory.mktemp("eval")

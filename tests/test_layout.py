@@ -64,11 +64,11 @@ def import_graph() -> dict[str, set[str]]:
                 continue
             if isinstance(node, ast.Import):
                 targets += [a.name for a in node.names]
-            elif isinstance(node, ast.Call) and ast.unparse(node.func).endswith("import_module") and node.args \
-                    and isinstance(node.args[0], ast.JoinedStr):  # importlib.import_module(f"qgseg.methods.{m}")
-                prefix = node.args[0].values[0]
-                if isinstance(prefix, ast.Constant) and prefix.value.endswith("."):
-                    targets += [k for k in known if k.startswith(prefix.value)]
+            elif isinstance(node, ast.Call) and ast.unparse(node.func).endswith("import_module") and node.args:
+                for s in ast.walk(node.args[0]):  # importlib.import_module(f"qgseg.methods.{m}")
+                    prefix = s.values[0] if isinstance(s, ast.JoinedStr) and s.values else None
+                    if isinstance(prefix, ast.Constant) and str(prefix.value).endswith("."):
+                        targets += [k for k in known if k.startswith(prefix.value)]
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:  # relative import

@@ -21,8 +21,8 @@ SSL_METHODS = list(METHODS)
 QW_METHODS = qw_methods()
 from qgseg.methods.cl import local_contrastive
 from qgseg.methods.common import EMATeacher, ema_decay_at
-from qgseg.models import SegNet, build_quality_net
-from qgseg.quality import QualityPredictor, weighted_mean
+from qgseg.models import SegNet
+from qgseg.quality import QualityPredictor, build_quality_net, weighted_mean
 from qgseg.ssl import SSLTask, build_optimizer, check_config
 from qgseg.synth import make_case
 
@@ -323,3 +323,46 @@ def test_local_contrastive():
     proto[:, 1, 4:12, 4:12] = 1
     proto[:, 0, 4:12, 4:12] = 0
     assert (local_contrastive(proto, label) < loss.detach()).all()
+
+
+TOY_METHOD = """
+import torch
+
+from qgseg.losses import seg_loss
+from qgseg.methods.common import Method, Part, Step, hard
+
+
+def unlabeled(ctx, x):
+    logits = ctx.model(x)
+    pl = hard(torch.sigmoid(logits.detach().float()))
+    return Step([Part(seg_loss(logits, pl), pl, x)], student=[(x, logits)])
+
+
+METHOD = Method("toy", "self-training on its own hard prediction (a test's throwaway method)", unlabeled,
+                label="Toy", defaults={"ssl.lambda_final": 0.5})
+"""
+
+
+def test_a_new_method_is_one_file_and_one_registry_line(base, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import qgseg.methods
+    from qgseg.cli import app
+    from qgseg.config import load_config
+
+    (tmp_path / "toy_methods").mkdir()
+    (tmp_path / "toy_methods" / "__init__.py").write_text("")
+    (tmp_path / "toy_methods" / "toy.py").write_text(TOY_METHOD)  # the one file
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(qgseg.methods.REGISTRY, "toy", "toy_methods.toy")  # the one registry line
+
+    help_text = CliRunner().invoke(app, ["ssl", "--help"], terminal_width=200).output
+    assert "toy" in help_text and "qar" in help_text
+    loaded = load_config(sets=["ssl.method=toy"], cwd=tmp_path)  # the config check knows it
+    assert loaded.config.ssl.method == "toy" and loaded.config.ssl.lambda_final == 0.5  # its default
+    assert load_config(sets=["ssl.method=toy", "ssl.lambda_final=0.2"], cwd=tmp_path).config.ssl.lambda_final == 0.2
+    assert "toy" in qw_methods() and get_method("toy").label == "Toy"
+    task = make_task(base, "toy", qw=True, **{"ssl.lambda_final": 0.25})
+    f0 = snapshot(task.model)
+    loss, terms = one_step(task)
+    assert torch.isfinite(loss) and changed(f0, task.model) and math.isfinite(terms["unsup"])

@@ -4,19 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from qgseg.errors import InputError
-from qgseg.models import (
-    SEG_ARCHS,
-    QualityNet,
-    build_quality_net,
-    build_segmenter,
-    check_image_size,
-    count_parameters,
-    dihedral_views,
-    load_state,
-    scoring_views,
-    size_divisor,
-)
-
+from qgseg.models import SEG_ARCHS, build_segmenter, check_image_size, count_parameters, load_state, size_divisor
+from qgseg.quality import QualityNet, build_quality_net, dihedral_views, scoring_views
 
 
 @pytest.fixture(autouse=True, scope="module")

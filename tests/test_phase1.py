@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from qgseg.cli import app
-from qgseg.config import load_config
-from qgseg.corrupt import CorruptedSet, load_set
-from qgseg.phase1 import predict_quality, quality_report, run_corrupt, run_train_quality
+from qgseg.config import QualityConfig, load_config
+from qgseg.corrupt import CorruptedSet, load_set, run_corrupt
+from qgseg.quality import predict_quality, quality_report
 from qgseg.runs import Run
+from qgseg.train_quality import run_train_quality
 from qgseg.weak import load_weak_predictions, run_train_weak
 
 TINY = [
@@ -138,7 +139,7 @@ def test_quality_report_metrics_match_hand_computation():
 
 def test_resample_draws_fresh_seeded_sets_and_keeps_dq_for_epoch_1():
     from qgseg.corrupt import corrupt_dataset, dice
-    from qgseg.phase1 import Resample
+    from qgseg.train_quality import Resample
 
     rng = np.random.default_rng(0)
     masks = np.zeros((3, 24, 24), np.uint8)
@@ -161,7 +162,7 @@ def test_resample_draws_fresh_seeded_sets_and_keeps_dq_for_epoch_1():
 
 
 def test_train_quality_resample_trains_on_new_masks(synth_data, tmp_path, monkeypatch):
-    from qgseg import phase1
+    from qgseg import train_quality as phase1
 
     seen = []
     orig = phase1.QualityTask._use
@@ -181,8 +182,7 @@ def test_train_quality_resample_trains_on_new_masks(synth_data, tmp_path, monkey
 
 
 def test_train_quality_input_size_and_tta_views_travel_with_g(synth_data, tmp_path):
-    from qgseg.models import QualityNet
-    from qgseg.quality import QualityPredictor
+    from qgseg.quality import QualityNet, QualityPredictor
 
     run, summary = run_train_quality(_loaded(synth_data, tmp_path, ["data.image_size=64", "quality.input_size=32",
                                                                      "quality.tta_views=4", "corrupt.p_weak=0.0",
@@ -208,15 +208,17 @@ def test_train_quality_input_size_and_tta_views_travel_with_g(synth_data, tmp_pa
 
 def _bare_task(images, gt, masks, dice, batch_size, **options):
     """A QualityTask over hand-made cases (all of them training cases, K masks each) with g = identity."""
-    from qgseg.phase1 import QualityTask
+    from qgseg.train_quality import QualityTask
 
     n = len(images)
     k = len(masks) // n
     cs = CorruptedSet(case=np.repeat(np.arange(n), k).astype(np.int32), masks=masks, dice=dice,
                       category=["single"] * len(masks), ops=[""] * len(masks))
     data = type("Data", (), {"images": images, "masks": gt})()
-    return QualityTask(torch.nn.Identity(), data, {"train": np.arange(n)}, {"train": cs}, batch_size,
-                       torch.device("cpu"), **options)
+    resample = options.pop("resample", None)
+    q = QualityConfig(batch_size=batch_size, **options)
+    return QualityTask(torch.nn.Identity(), data, {"train": np.arange(n)}, {"train": cs}, q,
+                       torch.device("cpu"), resample=resample)
 
 
 def test_masks_per_epoch_caps_the_steps_and_draws_a_new_share_each_epoch():
@@ -290,14 +292,14 @@ def test_color_jitter_changes_only_the_training_images():
 
 
 def test_each_epoch_reports_the_val_grounding_checks():
-    from qgseg.phase1 import QualityTask
+    from qgseg.train_quality import QualityTask
 
     n, h = 4, 8
     images = np.repeat(60 * np.arange(n, dtype=np.uint8), h * h * 3).reshape(n, h, h, 3)
     val = _set([0, 1, 2, 3], h)
     data = type("Data", (), {"images": images, "masks": np.ones((n, h, h), np.uint8)})()
     task = QualityTask(_MeanImage(), data, {"train": np.arange(n), "val": np.arange(n)},
-                       {"train": _set([0, 1, 2, 3], h), "val": val}, 2, torch.device("cpu"))
+                       {"train": _set([0, 1, 2, 3], h), "val": val}, QualityConfig(batch_size=2), torch.device("cpu"))
     row = task.evaluate(1)
     true = val.dice.astype(float)
     from qgseg.data import to_float_images
@@ -328,8 +330,8 @@ def test_select_last_keeps_the_final_epoch_as_best(synth_data, tmp_path):
 
 
 def test_select_last_scores_the_per_epoch_val_metrics_with_one_view():
-    from qgseg.models import build_quality_net, scoring_views
-    from qgseg.phase1 import QualityTask
+    from qgseg.quality import build_quality_net, scoring_views
+    from qgseg.train_quality import QualityTask
 
     n, h = 4, 32
     rng = np.random.default_rng(0)
@@ -341,8 +343,8 @@ def test_select_last_scores_the_per_epoch_val_metrics_with_one_view():
     g = build_quality_net("resnet18", tta_views=4).eval()
 
     def task(select):
-        return QualityTask(g, data, {"train": np.arange(n), "val": np.arange(n)}, {"train": val, "val": val}, 2,
-                           torch.device("cpu"), select=select)
+        return QualityTask(g, data, {"train": np.arange(n), "val": np.arange(n)}, {"train": val, "val": val},
+                           QualityConfig(batch_size=2, select=select), torch.device("cpu"))
 
     four = task("val_loss").evaluate(1)  # picks best.pt: scores as g will, with its four views
     last = task("last").evaluate(1)

@@ -350,7 +350,7 @@ def test_resume_skips_a_run_whose_process_is_alive(tmp_path):
 # ---------------------------------------------------------------------------------------------
 def _quality_run(root: Path, size: int = 32, status: str = "completed", backbone: str = "test_resnet",
                  spec_backbone: str = "test_resnet") -> Path:
-    from qgseg.models import build_quality_net
+    from qgseg.quality import build_quality_net
 
     cfg = load_config(sets=[f"data.image_size={size}"], cwd=root).config
     run = create_run(root / f"q-{size}-{status}-{backbone}-{spec_backbone}", "train-quality", dumps_toml(cfg))
@@ -441,7 +441,7 @@ class _Lin(torch.nn.Module):
         self.lin = torch.nn.Linear(2, 1)
 
 
-class _PoisonTask:
+class _PoisonTask(E.Task):
     """Two steps per epoch; step 2 (the epoch's last) leaves inf weights behind a finite loss."""
 
     monitor, mode, best_modules = "val", "min", ("m",)

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from qgseg.cli import app
 from qgseg.config import Config, dumps_toml
 from qgseg.engine import load_checkpoint, save_checkpoint
-from qgseg.models import build_quality_net, count_parameters
+from qgseg.models import count_parameters
+from qgseg.quality import build_quality_net
 from qgseg.runs import Run, create_run
 
 ENCODER = "tu-mobilenetv3_small_050"  # a small timm encoder keeps the smp U-Net fast at 32 px

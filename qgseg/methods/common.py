@@ -8,6 +8,7 @@ QAR, lambda ramps, EMA updates, optimisation, evaluation and checkpoints.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -63,8 +64,10 @@ class Context:
 
 @dataclass(frozen=True)
 class Method:
-    """An SSL method. Register it in ``qgseg/methods/__init__.py``.
+    """An SSL method: everything the package knows about it. Register it in ``qgseg/methods/__init__.py``.
 
+    name: ``ssl.method`` / ``--method`` value; label: its name in tables (default: NAME in capitals).
+    description: one line for help texts and docs.
     unlabeled(ctx, x_u) -> Step: the per-sample unlabeled loss(es) and pseudolabel(s) for a
         batch of normalised, augmented unlabeled images (B,3,H,W). None = no unlabeled term.
     build(model, cfg) -> dict of extra modules, given the student (already on its device) and the
@@ -72,7 +75,10 @@ class Method:
     trained: which extra modules the optimiser trains (the rest, e.g. an EMA teacher, are only
         checkpointed).
     supervised(model, modules, x_l, y_l) -> (B,) labeled loss; default l_seg of f.
-    pseudolabel: whether g can judge its pseudolabels (``--qw`` allowed).
+    pseudolabel: whether g can judge its pseudolabels (``--qw`` allowed); qw_note says why not.
+    defaults: config values this method brings (``{"ssl.qar_weight": 0.01}``), used where the
+        configuration leaves the key at its built-in default.
+    positive: config keys that must be > 0 with this method.
     """
 
     name: str
@@ -82,6 +88,14 @@ class Method:
     trained: tuple[str, ...] = ()
     supervised: Callable[[nn.Module, dict[str, nn.Module], torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     pseudolabel: bool = True
+    label: str = ""
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    positive: tuple[str, ...] = ()
+    qw_note: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            object.__setattr__(self, "label", self.name.upper())
 
     def build_modules(self, model: nn.Module, cfg: Config) -> dict[str, nn.Module]:
         return dict(self.build(model, cfg)) if self.build is not None else {}
@@ -141,7 +155,9 @@ class EMATeacher(AveragedModel):
     @torch.no_grad()
     def update(self, student: nn.Module) -> None:
         """teacher <- lerp(teacher, student, 1 - decay(n)) (a copy at n = 0); buffers copied."""
-        student = getattr(student, "_orig_mod", student)
+        from qgseg.models import uncompiled
+
+        student = uncompiled(student)
         n = int(self.n_averaged)
         mine = [p.detach() for p in self.module.parameters()]
         theirs = [p.detach() for p in student.parameters()]
@@ -162,7 +178,9 @@ class EMATeacher(AveragedModel):
 
 def ema_teacher(model: nn.Module, cfg: Config) -> EMATeacher:
     """A fresh EMA teacher of ``model`` (a ``build`` helper)."""
-    return EMATeacher(getattr(model, "_orig_mod", model), cfg.ssl.ema_decay)
+    from qgseg.models import uncompiled
+
+    return EMATeacher(uncompiled(model), cfg.ssl.ema_decay)
 
 
 # ---------------------------------------------------------------------------------------------
