@@ -20,7 +20,7 @@ from typing import Any, Callable
 from qgseg.config import Config, Loaded, dumps_toml, method_settings
 from qgseg.errors import InputError
 from qgseg.report import Reporter, mean_se_str
-from qgseg.runs import Run, atomic_write_text, read_json, write_json
+from qgseg.runs import Run, atomic_write_text, json_ready, read_json, write_json
 
 log = logging.getLogger("qgseg")
 
@@ -227,7 +227,7 @@ def run_demo(loaded: Loaded, out: Path | str | None = None, n_labeled: int = N_L
         "rows": table, "seconds": round(time.time() - t_start, 1),
         "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
     }
-    summary = _no_nan(summary)
+    summary = json_ready(summary)
     _write_outputs(out, summary)
     return summary
 
@@ -281,18 +281,7 @@ def _write_outputs(out: Path, summary: dict[str, Any]) -> None:
     for r in summary["rows"]:
         w.writerow({k: ("" if v is None else v) for k, v in r.items()})
     atomic_write_text(out / "table.csv", buf.getvalue())
-    write_json(out / "summary.json", _no_nan(summary))
-
-
-def _no_nan(obj: Any) -> Any:
-    """NaN -> None, so summary.json is strict JSON."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _no_nan(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_no_nan(v) for v in obj]
-    return obj
+    write_json(out / "summary.json", json_ready(summary))
 
 
 def render(summary: dict[str, Any]) -> Any:

@@ -23,9 +23,16 @@ from qgseg.errors import InputError
 STATUSES = ("running", "completed", "failed", "interrupted")
 
 
-def json_ready(d: dict[str, Any]) -> dict[str, Any]:
-    """A summary with its NaN / infinite floats as None (JSON null), e.g. a metric undefined on no cases."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
+def json_ready(obj: Any) -> Any:
+    """A summary (nested dicts / lists) with its NaN / infinite floats as None, so it is strict JSON
+    (e.g. a metric undefined on no cases)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    return obj
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
