@@ -4,15 +4,16 @@ Every operation is a callable ``op(mask, rng) -> mask`` on uint8 (H,W) {0,1} mas
 the paper's setup (kernels, radii, shift lengths) are given for 224 px images; here they are scaled by
 ``sqrt(H*W) / 224`` (kernels stay odd and >= 3). A :class:`Corruptor` draws a category with the
 probabilities in :data:`CATEGORIES`, then operations within it; :func:`corrupt_dataset` makes K
-samples per case with one independent generator per sample.
-
-Not thread-safe (the albumentations transforms are shared and re-seeded per call); parallelise
-with processes.
+samples per case with one independent generator per sample, so a sample does not depend on
+which other samples are made with it, in what order or in which worker process.
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import io
+import itertools
+import math
 import os
 import random
 import zipfile
@@ -24,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
+from numpy.random.bit_generator import ISeedSequence
 
 from qgseg.errors import InputError
 from qgseg.runs import atomic_write_bytes
 
 if TYPE_CHECKING:
-    import albumentations as A
     import pandas as pd
 
     from qgseg.config import Config
@@ -79,6 +80,19 @@ def dice_batch(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     nz = total > 0
     out[nz] = 2.0 * inter[nz] / total[nz]
     return out.astype(np.float32)
+
+
+def _dice_rows(rows: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Dice of each {0,1} uint8 mask in rows (R,H,W) against one {0,1} uint8 mask gt (H,W), as
+    (R,) float32: the values :func:`dice` gives, with gt counted once (np.count_nonzero without
+    an axis is several times faster per row than with one)."""
+    n_gt = np.count_nonzero(gt)
+    out = np.ones(len(rows), np.float32)
+    for r, m in enumerate(rows):
+        total = np.count_nonzero(m) + n_gt
+        if total:
+            out[r] = 2.0 * np.count_nonzero(m & gt) / total
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,25 +167,31 @@ def _points(m: np.ndarray) -> np.ndarray | None:
 
 
 def _random_fg(m: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray:
-    """n random foreground pixel coordinates as (n,2) (x, y); empty array when none."""
-    idx = np.flatnonzero(m)
-    if idx.size == 0:
+    """n random foreground pixel coordinates as (n,2) (x, y); empty array when none.
+
+    The r-th foreground pixel in raster order for r ~ U{0, count - 1}, found from per-row counts
+    instead of listing every foreground pixel (the same pixels, several times faster)."""
+    rows = cv2.reduce(m, 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S).ravel()
+    cum = np.cumsum(rows)
+    total = int(cum[-1]) if len(cum) else 0
+    if total == 0:
         return np.empty((0, 2), np.int64)
-    pick = idx[rng.integers(0, idx.size, size=n)]
-    w = m.shape[1]
-    return np.stack([pick % w, pick // w], axis=1)
+    pick = rng.integers(0, total, size=n)
+    ys = np.searchsorted(cum, pick, side="right")
+    xs = [int(np.flatnonzero(m[y])[r - (cum[y] - rows[y])]) for y, r in zip(ys.tolist(), pick.tolist())]
+    return np.stack([np.asarray(xs, np.int64), ys.astype(np.int64)], axis=1)
 
 
 def _random_bg_near(m: np.ndarray, rng: np.random.Generator, n: int) -> np.ndarray:
     """n random background pixels near the lesion (its box grown by a quarter of the image)."""
     h, w = m.shape
-    ys, xs = np.nonzero(m)
-    if xs.size == 0:
+    bx, by, bw, bh = cv2.boundingRect(m)
+    if bw == 0:
         x0, x1, y0, y1 = 0, w - 1, 0, h - 1
     else:
         mx, my = int(0.25 * w), int(0.25 * h)
-        x0, x1 = max(0, xs.min() - mx), min(w - 1, xs.max() + mx)
-        y0, y1 = max(0, ys.min() - my), min(h - 1, ys.max() + my)
+        x0, x1 = max(0, bx - mx), min(w - 1, bx + bw - 1 + mx)
+        y0, y1 = max(0, by - my), min(h - 1, by + bh - 1 + my)
     cx = rng.integers(x0, x1 + 1, size=16 * n)
     cy = rng.integers(y0, y1 + 1, size=16 * n)
     ok = m[cy, cx] == 0
@@ -278,47 +298,86 @@ def _smooth(m: np.ndarray, rng: np.random.Generator, k: int) -> np.ndarray:
     return (blur >= 0.5).astype(np.uint8)
 
 
-def _albumentations() -> ModuleType:
-    # imported on first use: albumentations pulls in torch, seconds of start-up for every op
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    import albumentations
-
-    return albumentations
-
-
-@functools.lru_cache(maxsize=64)
-def _elastic_transform(alpha: float, sigma: float) -> A.ElasticTransform:
-    # noise_distribution="uniform" keeps albumentations 1.x semantics (uniform noise in [-1, 1],
-    # blurred, times alpha); 2.x's default Gaussian noise is rescaled by its maximum, which makes
-    # the paper's alpha=30 a sub-pixel no-op.
-    return _albumentations().ElasticTransform(alpha=alpha, sigma=sigma, noise_distribution="uniform",
-                              interpolation=cv2.INTER_LINEAR, p=1.0)
+# Elastic and grid distortions compute exactly what albumentations 2.0's ElasticTransform
+# (noise_distribution="uniform") and GridDistortion (normalized) compute, from the same draws of
+# the sample's generator, without the library's per-call machinery (parameter dicts, validation,
+# target dispatch), which cost more than the arithmetic at these sizes; tests/test_corrupt.py
+# checks the equality against albumentations itself. Maps go to cv2.remap as one CV_32FC2 array.
 
 
-@functools.lru_cache(maxsize=64)
-def _grid_transform(num_steps: int, limit: float) -> A.GridDistortion:
-    return _albumentations().GridDistortion(num_steps=num_steps, distort_limit=limit,
-                            interpolation=cv2.INTER_LINEAR, p=1.0)
-
-
-def _run_album(t: A.BasicTransform, m: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    # The transform is shared (cached); seeding it from rng right before the call keeps every
-    # sample reproducible from its own generator.
-    t.set_random_state(rng, random.Random(int(rng.integers(0, 2**63))))
-    out = t(image=m * np.uint8(255))["image"]
+def _remap(m: np.ndarray, maps: np.ndarray) -> np.ndarray:
+    out = cv2.remap(m * np.uint8(255), maps, None, interpolation=cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     return (out > 127).astype(np.uint8)
 
 
+@functools.lru_cache(maxsize=32)
+def _pixel_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel x and y coordinates as float64 (1,W) and (H,1) arrays (read-only, shared)."""
+    xs = np.arange(w, dtype=np.float64)[None, :]
+    ys = np.arange(h, dtype=np.float64)[:, None]
+    xs.flags.writeable = ys.flags.writeable = False
+    return xs, ys
+
+
 def _elastic(m: np.ndarray, rng: np.random.Generator, alpha: float, sigma: float) -> np.ndarray:
+    """Uniform noise in [-1, 1] per axis, blurred (sigma), times alpha: the displacement field."""
     m = _as_mask(m)
     s = _scale(m)
-    return _run_album(_elastic_transform(round(alpha * s, 3), round(max(sigma * s, 1.0), 3)), m, rng)
+    alpha, sigma = round(alpha * s, 3), round(max(sigma * s, 1.0), 3)
+    h, w = m.shape
+    rng.integers(0, 2**63)  # albumentations' Python-random seed: drawn so later draws stay the same
+    u = rng.random((2, h, w))  # rng.uniform(-1, 1, size): the same draws and -1 + 2 * u
+    u *= 2.0
+    fields = np.empty((2, h, w), np.float32)
+    np.subtract(u, 1.0, out=fields, casting="unsafe")  # float64, then float32 as .astype
+    flat = fields.reshape(2 * h, w)  # both fields blurred as one image, as albumentations does
+    cv2.GaussianBlur(flat, (0, 0), sigma, dst=flat, borderType=cv2.BORDER_REPLICATE)
+    fields *= alpha
+    xs, ys = _pixel_grid(h, w)
+    maps = np.empty((h, w, 2), np.float32)
+    np.add(xs, fields[0], out=maps[..., 0], casting="unsafe")  # float64 sum, then float32
+    np.add(ys, fields[1], out=maps[..., 1], casting="unsafe")
+    return _remap(m, maps)
+
+
+def _grid_axis(n: int, steps: int, stretch: list[float]) -> np.ndarray:
+    """One axis of the distorted grid: `steps` cells whose lengths are scaled by `stretch`
+    (steps + 1 factors, the last for the remainder), normalised to span the image; within a cell
+    positions run linearly (np.linspace's arithmetic, for all cells at once). Positions past the
+    last cell stay 0, as in albumentations."""
+    step = n // steps
+    stretch = list(stretch)
+    stretch[-1] *= (min(n, (steps + 1) * step) - steps * step) / step
+    factors = np.array(stretch) * ((n / math.floor(n / steps)) / np.sum(stretch))
+    ends = np.cumsum(step * factors)  # sequential sums, as the running prev + step * f
+    starts = np.concatenate([[0.0], ends[:-1]])
+    covered = min(n, (steps + 1) * step)
+    pos = np.arange(covered)
+    cell = pos // step
+    k = pos - cell * step  # index within the cell
+    num = np.minimum(cell * step + step, n) - cell * step  # cell lengths (>= 1)
+    div = np.maximum(num - 1, 1)
+    y = k * ((ends - starts)[cell] / div) + starts[cell]
+    last = (k == num - 1) & (num > 1)
+    y[last] = ends[cell[last]]
+    out = np.zeros(n, np.float32)
+    out[:covered] = y
+    return out
 
 
 def _grid(m: np.ndarray, rng: np.random.Generator, steps: int, limit: float) -> np.ndarray:
+    """Grid distortion: each of `steps` cells per axis stretched by 1 + U(-limit, limit)."""
     m = _as_mask(m)
-    steps = max(1, min(steps, min(m.shape) // 2))
-    return _run_album(_grid_transform(steps, limit), m, rng)
+    h, w = m.shape
+    steps = max(1, min(steps, min(h, w) // 2))
+    pr = random.Random(int(rng.integers(0, 2**63)))
+    sx = [1 + pr.uniform(-limit, limit) for _ in range(steps + 1)]
+    sy = [1 + pr.uniform(-limit, limit) for _ in range(steps + 1)]
+    maps = np.empty((h, w, 2), np.float32)
+    maps[..., 0] = _grid_axis(w, steps, sx)[None, :]
+    maps[..., 1] = _grid_axis(h, steps, sy)[:, None]
+    return _remap(m, maps)
 
 
 def _holes(m: np.ndarray, rng: np.random.Generator, n: int, rmin: float, rmax: float) -> np.ndarray:
@@ -432,19 +491,54 @@ def _gauss_blob(m: np.ndarray, rng: np.random.Generator, size: float) -> np.ndar
     cy += rng.normal(0, 0.15) * sd.max()
     xs = np.arange(w, dtype=np.float32) - np.float32(cx)
     ys = np.arange(h, dtype=np.float32)[:, None] - np.float32(cy)
-    u = (xs * evecs[0, 0] + ys * evecs[1, 0]) / sd[0]
-    v = (xs * evecs[0, 1] + ys * evecs[1, 1]) / sd[1]
+    # u = (xs * e00 + ys * e10) / sd0 etc., in place (the same float64 operations, in the same order)
+    u = np.add(xs * evecs[0, 0], ys * evecs[1, 0])
+    u /= sd[0]
+    v = np.add(xs * evecs[0, 1], ys * evecs[1, 1])
+    v /= sd[1]
     # log of the Gaussian plus smooth noise: the noise bends the boundary by a fraction of the
     # radius without creating far-away islands where the Gaussian itself is ~0
     noise = cv2.resize(rng.normal(0, 1, (6, 6)).astype(np.float32), (w, h), interpolation=cv2.INTER_CUBIC)
-    field = -0.5 * (u * u + v * v) + 0.4 * noise
+    u *= u
+    v *= v
+    u += v
+    u *= -0.5
+    noise *= 0.4  # float32, as 0.4 * noise
+    u += noise
+    field = u  # -0.5 * (u * u + v * v) + 0.4 * noise
     target = int(min(h * w, round(area * size * size)))
     if target <= 0:
         return np.zeros_like(m)
     if target >= h * w:
         return np.ones_like(m)
-    thr = np.partition(field.ravel(), h * w - target)[h * w - target]
-    return (field >= thr).astype(np.uint8)
+    return (field >= _kth_smallest(field.ravel(), h * w - target)).astype(np.uint8)
+
+
+def _kth_smallest(x: np.ndarray, kth: int) -> float:
+    """``np.partition(x, kth)[kth]``, partitioning only the values on the smaller side of a bound
+    estimated from a strided sample (the whole array when the bound misses)."""
+    n = x.size
+    sub = x[::8]
+    if n < 512 or sub.size < 16:
+        return np.partition(x, kth)[kth]
+    margin = max(8, sub.size // 16)  # sample ranks off by more than this are very unlikely
+    q = kth * sub.size // n
+    if kth < n // 2:  # the kth smallest lies among the values <= an upper bound
+        j = q + margin
+        if j < sub.size:
+            hi = np.partition(sub, j)[j]
+            cand = x[x <= hi]
+            if cand.size > kth:
+                return np.partition(cand, kth)[kth]
+    else:  # among the values >= a lower bound: it is the (kth - #below)th of them
+        j = q - margin
+        if j >= 0:
+            lo = np.partition(sub, j)[j]
+            cand = x[x >= lo]
+            below = n - cand.size
+            if below <= kth:
+                return np.partition(cand, kth - below)[kth - below]
+    return np.partition(x, kth)[kth]
 
 
 def _circle_blob(m: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -563,15 +657,35 @@ class _Table:
         self.names = list(weights)
         p = np.asarray(list(weights.values()), np.float64)
         self.p = p / p.sum()
-        self.cum = np.cumsum(self.p)
-        self.cum[-1] = 1.0
+        cum = np.cumsum(self.p)
+        cum[-1] = 1.0
+        self.cum = cum.tolist()
+        self._p = self.p.tolist()
 
     def draw(self, rng: np.random.Generator) -> str:
-        return self.names[int(np.searchsorted(self.cum, rng.random(), side="right"))]
+        return self.names[bisect.bisect_right(self.cum, rng.random())]
 
     def draw_distinct(self, rng: np.random.Generator, n: int) -> list[str]:
-        idx = rng.choice(len(self.names), size=n, replace=False, p=self.p)
-        return [self.names[i] for i in idx]
+        """n distinct names drawn with probabilities p: the draws and the result of
+        ``rng.choice(len(names), n, replace=False, p=p)`` (redraw the missing ones from the
+        renormalised cumulative sums until n are distinct) in plain Python, which is several
+        times faster for a few dozen names."""
+        if n > len(self.names):
+            raise ValueError(f"draw_distinct: {n} distinct names asked of {len(self.names)}")
+        p = list(self._p)
+        found: list[int] = []
+        while len(found) < n:
+            x = rng.random(n - len(found)).tolist()
+            for i in found:
+                p[i] = 0.0
+            cdf = list(itertools.accumulate(p))
+            total = cdf[-1]
+            cdf = [c / total for c in cdf]
+            for v in x:
+                i = bisect.bisect_right(cdf, v)
+                if i not in found:
+                    found.append(i)
+        return [self.names[i] for i in found]
 
 
 _CATEGORY_TABLE = _Table(CATEGORIES)
@@ -661,35 +775,134 @@ class CorruptedSet:
         })
 
 
+class _SeedState(ISeedSequence):
+    """A SeedSequence's output computed beforehand (see :func:`_sample_rngs`)."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: np.ndarray):
+        self.state = state
+
+    def generate_state(self, n_words: int, dtype=np.uint32) -> np.ndarray:
+        if n_words != 4 or np.dtype(dtype) != np.uint64:
+            raise ValueError("_SeedState only seeds PCG64 (4 uint64 words)")
+        return self.state
+
+
+_U32 = np.uint32
+_MASK32 = 0xFFFFFFFF
+
+
+def _words(n: int) -> list[int]:
+    """n as little-endian 32-bit words, as SeedSequence splits an entropy integer."""
+    if n == 0:
+        return [0]
+    out = []
+    while n > 0:
+        out.append(n & _MASK32)
+        n >>= 32
+    return out
+
+
+def _sample_rngs(seed: int, cases: np.ndarray, k: int) -> list[np.random.Generator]:
+    """``np.random.default_rng([seed, i, j])`` for every case i in `cases` and j < k, in that
+    order, bit for bit: numpy's SeedSequence hashing (pool of 4 words, ``mix_entropy`` and
+    ``generate_state(4, uint64)``) done for all samples at once with uint32 array arithmetic,
+    then one PCG64 per sample from its 4 words. default_rng costs ~10 us per call, more than
+    many corruptions; tests/test_corrupt.py checks the equality."""
+    cases = np.asarray(cases, np.int64)
+    seed = int(seed)
+    if seed < 0 or (len(cases) and (cases.min() < 0 or cases.max() > _MASK32)) or k - 1 > _MASK32:
+        return [np.random.default_rng([seed, int(i), j]) for i in cases for j in range(k)]
+    cols = [np.full(len(cases) * k, w, _U32) for w in _words(seed)]
+    cols += [np.repeat(cases, k).astype(_U32), np.tile(np.arange(k, dtype=np.int64), len(cases)).astype(_U32)]
+    hash_a = 0x43B0D7E5  # SeedSequence's INIT_A
+
+    def hashmix(value: np.ndarray) -> np.ndarray:
+        nonlocal hash_a
+        value = value ^ _U32(hash_a)
+        hash_a = (hash_a * 0x931E8875) & _MASK32  # MULT_A
+        value = value * _U32(hash_a)
+        return value ^ (value >> _U32(16))
+
+    def mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        r = _U32(0xCA01F9DD) * x - _U32(0x4973F715) * y  # MIX_MULT_L, MIX_MULT_R
+        return r ^ (r >> _U32(16))
+
+    zero = np.zeros(len(cols[0]), _U32)
+    pool = [hashmix(cols[p] if p < len(cols) else zero) for p in range(4)]
+    for src in range(4):
+        for dst in range(4):
+            if src != dst:
+                pool[dst] = mix(pool[dst], hashmix(pool[src]))
+    for src in range(4, len(cols)):
+        for dst in range(4):
+            pool[dst] = mix(pool[dst], hashmix(cols[src]))
+    hash_b = 0x8B51F9DD  # INIT_B
+    words = np.empty((len(cols[0]), 8), _U32)
+    for i in range(8):
+        v = pool[i % 4] ^ _U32(hash_b)
+        hash_b = (hash_b * 0x58F38DED) & _MASK32  # MULT_B
+        v = v * _U32(hash_b)
+        words[:, i] = v ^ (v >> _U32(16))
+    states = words.astype("<u4").view("<u8").astype(np.uint64)  # (M, 4), as generate_state
+    gen, bitgen = np.random.Generator, np.random.PCG64
+    return [gen(bitgen(_SeedState(row))) for row in states]
+
+
 def corrupt_dataset(masks: np.ndarray, k: int, seed: int, weak: np.ndarray | None = None,
-                    p_weak: float = 0.05) -> CorruptedSet:
+                    p_weak: float = 0.05, workers: int = 1, block: int = 64) -> CorruptedSet:
     """K corrupted masks per input mask.
 
-    Sample j of case i uses its own rng ``np.random.default_rng([seed, i, j])`` so results do not
-    depend on order (and could be computed in parallel). ``weak``: optional (C,N,H,W) uint8
-    predictions of C weak-model checkpoints; with probability ``p_weak`` a sample is instead the
-    prediction of a uniformly chosen checkpoint (category "weak", ops "weak_ckpt<c>").
+    Sample j of case i uses its own rng ``np.random.default_rng([seed, i, j])`` (made in bulk by
+    :func:`_sample_rngs`), so the result depends neither on order nor on how the work is split:
+    cases are corrupted in blocks of `block` cases, in this process (``workers`` <= 1) or in
+    `workers` spawned processes. ``weak``: optional (C,N,H,W) uint8 predictions of C weak-model
+    checkpoints; with probability ``p_weak`` a sample is instead the prediction of a uniformly
+    chosen checkpoint (category "weak", ops "weak_ckpt<c>").
     """
     if k < 1:
         raise InputError(f"corrupt.k: expected a positive integer, got {k}")
     if not 0.0 <= p_weak <= 1.0:
         raise InputError(f"corrupt.p_weak: expected a probability in [0, 1], got {p_weak}")
+    if block < 1:
+        raise InputError(f"corrupt_dataset: block must be a positive integer, got {block}")
     cor = Corruptor(masks)
     n, h, w = cor.masks.shape
     if weak is not None:
         weak = np.asarray(weak)
         if weak.ndim != 4 or weak.shape[1:] != (n, h, w) or weak.shape[0] < 1:
             raise InputError(f"weak: expected (C,{n},{h},{w}) predictions, got shape {weak.shape}")
-    m_total = n * k
-    out = np.empty((m_total, h, w), np.uint8)
-    case = np.repeat(np.arange(n, dtype=np.int32), k)
-    d = np.empty(m_total, np.float32)
+    jobs = [(seed, k, p_weak, a, min(a + block, n)) for a in range(0, n, block)]
+    if workers > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn, not fork: the caller may hold torch / OpenMP threads that a forked child inherits broken
+        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_init_worker, initargs=(cor.masks, weak)) as pool:
+            parts = list(pool.map(_worker_block, jobs))
+    else:
+        parts = [_corrupt_block(cor, weak, *job) for job in jobs]
+    return CorruptedSet(case=np.repeat(np.arange(n, dtype=np.int32), k),
+                        masks=np.concatenate([p[0] for p in parts]) if parts else np.empty((0, h, w), np.uint8),
+                        dice=np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.float32),
+                        category=[c for p in parts for c in p[2]], ops=[o for p in parts for o in p[3]])
+
+
+def _corrupt_block(cor: Corruptor, weak: np.ndarray | None, seed: int, k: int, p_weak: float, start: int,
+                   stop: int) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Samples 0..k-1 of cases start..stop-1: masks, Dice, categories and op names."""
+    h, w = cor.masks.shape[1:]
+    out = np.empty(((stop - start) * k, h, w), np.uint8)
+    d = np.empty(len(out), np.float32)
     category: list[str] = []
     ops: list[str] = []
+    rngs = _sample_rngs(seed, np.arange(start, stop), k)
     row = 0
-    for i in range(n):
-        for j in range(k):
-            rng = np.random.default_rng([seed, i, j])
+    for i in range(start, stop):
+        for _ in range(k):
+            rng = rngs[row]
             if weak is not None and rng.random() < p_weak:
                 c = int(rng.integers(0, weak.shape[0]))
                 out[row] = weak[c, i] != 0
@@ -700,9 +913,20 @@ def corrupt_dataset(masks: np.ndarray, k: int, seed: int, weak: np.ndarray | Non
                 out[row] = m
                 category.append(cat)
                 ops.append("+".join(names))
-            d[row] = dice(out[row], cor.masks[i])  # per row: no (M,H,W) temporaries
             row += 1
-    return CorruptedSet(case=case, masks=out, dice=d, category=category, ops=ops)
+        d[row - k:row] = _dice_rows(out[row - k:row], cor.masks[i])
+    return out, d, category, ops
+
+
+_WORKER: dict[str, object] = {}
+
+
+def _init_worker(masks: np.ndarray, weak: np.ndarray | None) -> None:
+    _WORKER["cor"], _WORKER["weak"] = Corruptor(masks), weak
+
+
+def _worker_block(job: tuple) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    return _corrupt_block(_WORKER["cor"], _WORKER["weak"], *job)
 
 
 def _encode(strings: list[str]) -> np.ndarray:

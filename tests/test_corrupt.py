@@ -386,3 +386,96 @@ def test_remove_lesions_paints_the_lesion_out_and_keeps_the_rest():
     assert np.array_equal(remove_lesions(image[None], np.zeros((1, h, h), np.uint8))[0], image)
     with pytest.raises(ValueError, match="remove_lesions"):
         remove_lesions(image, lesion)
+
+
+# ------------------------------------------------------------------------ fast paths (issue 18)
+# The generator computes some things itself instead of calling the library that defines them;
+# these tests pin each one to that library, bit for bit.
+
+
+def test_sample_rngs_match_default_rng():
+    from qgseg.corrupt import _sample_rngs
+
+    for seed in [0, 11, 2**32 - 1, 2**32, 2**64 + 3, 10**30]:
+        for cases, k in [(np.arange(6), 4), (np.array([0, 5, 2**32 - 1]), 2), (np.arange(1), 1)]:
+            got = _sample_rngs(seed, cases, k)
+            ref = [np.random.default_rng([seed, int(i), j]) for i in cases for j in range(k)]
+            assert len(got) == len(ref)
+            for a, b in zip(got, ref):
+                assert a.bit_generator.state == b.bit_generator.state
+                assert a.random() == b.random()
+
+
+def test_elastic_and_grid_match_albumentations():
+    import random
+
+    import albumentations as A
+
+    from qgseg.corrupt import _scale
+
+    def album(t, m, rng):  # how the generator called albumentations before issue 18
+        t.set_random_state(rng, random.Random(int(rng.integers(0, 2**63))))
+        return (t(image=m * np.uint8(255))["image"] > 127).astype(np.uint8)
+
+    for m in [lesion_set(3, 64)[1], ellipse_mask(40, 64, (30, 20), (14, 9), 30), two_blobs(47, 47)]:
+        s = _scale(m)
+        for name, alpha, sigma in [("elastic_light", 30, 4), ("elastic_heavy", 60, 5)]:
+            t = A.ElasticTransform(alpha=round(alpha * s, 3), sigma=round(max(sigma * s, 1.0), 3),
+                                   noise_distribution="uniform", interpolation=cv2.INTER_LINEAR, p=1.0)
+            for seed in range(5):
+                r1, r2 = np.random.default_rng(seed), np.random.default_rng(seed)
+                np.testing.assert_array_equal(OPS[name](m, r1), album(t, m, r2))
+                assert r1.random() == r2.random()  # the same draws consumed
+        for name, steps, limit in [("grid_light", 5, 0.2), ("grid_heavy", 8, 0.4), ("heavy_grid", 12, 0.6)]:
+            steps = max(1, min(steps, min(m.shape) // 2))
+            t = A.GridDistortion(num_steps=steps, distort_limit=limit, interpolation=cv2.INTER_LINEAR, p=1.0)
+            for seed in range(5):
+                r1, r2 = np.random.default_rng(seed), np.random.default_rng(seed)
+                np.testing.assert_array_equal(OPS[name](m, r1), album(t, m, r2))
+                assert r1.random() == r2.random()
+
+
+def test_draw_distinct_matches_numpy_choice():
+    from qgseg.corrupt import _OP_TABLES, _Table
+
+    for table in [_OP_TABLES["chained"], _Table({"a": 100.0, "b": 1e-3, "c": 1.0, "d": 50.0})]:
+        for s in range(300):
+            for n in (1, 2, 3, 4):
+                r1, r2 = np.random.default_rng([s, n]), np.random.default_rng([s, n])
+                ref = [table.names[i] for i in r1.choice(len(table.names), size=n, replace=False, p=table.p)]
+                assert table.draw_distinct(r2, n) == ref
+                assert r1.random() == r2.random()
+
+
+def test_kth_smallest_and_random_fg_match_numpy():
+    from qgseg.corrupt import _kth_smallest, _random_fg
+
+    rng = np.random.default_rng(0)
+    for t in range(400):
+        n = int(rng.integers(1, 20000))
+        x = [rng.normal(size=n), rng.integers(0, 4, n).astype(float), np.sort(rng.random(n)), -np.sort(rng.random(n))][t % 4]
+        kth = int(rng.integers(0, n))
+        assert _kth_smallest(x, kth) == np.partition(x, kth)[kth]
+    for m in [*lesion_set(4, 40), MASKS["non_square"], MASKS["full"], MASKS["empty"]]:
+        for s in range(20):
+            r1, r2 = np.random.default_rng(s), np.random.default_rng(s)
+            idx = np.flatnonzero(m)  # the reference: list every foreground pixel, then pick
+            if idx.size == 0:
+                assert _random_fg(m, r2, 3).shape == (0, 2)
+                continue
+            p = idx[r1.integers(0, idx.size, size=3)]
+            np.testing.assert_array_equal(_random_fg(m, r2, 3), np.stack([p % m.shape[1], p // m.shape[1]], axis=1))
+
+
+def test_corrupt_dataset_same_for_any_block_size_and_worker_count():
+    masks = lesion_set(9, 40)
+    weak = np.stack([np.roll(masks, 2, axis=1)])
+    ref = corrupt_dataset(masks, k=5, seed=4, weak=weak, p_weak=0.2)
+    for kwargs in [{"block": 1}, {"block": 4}, {"block": 100}, {"workers": 2, "block": 2}]:
+        cs = corrupt_dataset(masks, k=5, seed=4, weak=weak, p_weak=0.2, **kwargs)
+        np.testing.assert_array_equal(cs.masks, ref.masks)
+        np.testing.assert_array_equal(cs.dice, ref.dice)
+        np.testing.assert_array_equal(cs.case, ref.case)
+        assert cs.category == ref.category and cs.ops == ref.ops
+    with pytest.raises(InputError):
+        corrupt_dataset(masks, k=1, seed=0, block=0)
