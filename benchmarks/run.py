@@ -1,4 +1,5 @@
-"""Benchmark runner: SSL step times relative to sup, data-wait share, corruption throughput, peak memory.
+"""Benchmark runner: SSL step times relative to sup, qgseg's loops against bare PyTorch loops,
+data-wait share, corruption throughput, peak memory.
 
 Everything timed runs in this one process on the same data, batch sizes and image size, with the
 variants interleaved (round r times a few steps of every variant in turn), so the ratios stay
@@ -10,12 +11,18 @@ clipping, the AdamW step, ``after_step`` (EMA teacher) and reading the logged te
     python benchmarks/run.py --out bench.json                  # everything (~35 min on 2 busy cores)
     python benchmarks/run.py --quick --out bench.json          # a smoke run (no demo; ~10 min)
     python benchmarks/run.py --sections steps --methods sup pl pl-qw --out b.json
+    python benchmarks/run.py --sections bare corrupt --out b.json   # loops vs bare, corruptions (~3 min)
     python benchmarks/run.py --device cuda --arch unetpp --image-size 224 --precision bf16 \
         --channels-last --sections steps --out gpu.json
 
 Variants: sup, pl-t, pl-c, pl, pl-qw, mt, mt-qw, ua-mt, ict, cl, cps, qar, pl-t-qw, cps-qw, and
 ``sup-LU`` (sup with a labeled batch of L + U images: the same number of images through f per step
 as the SSL methods, to separate "more images per step" from "method overhead").
+
+The "bare" section times three of qgseg's loops (g's train-quality step with the cpu preset's
+[quality], the weak U-Net's train-weak step, sup's step) against a minimal PyTorch loop with the
+same model, batch, image size, optimiser and precision (ready float tensors, forward + loss,
+zero_grad, backward, step), interleaved in this process, and reports qgseg / bare.
 """
 from __future__ import annotations
 
@@ -58,6 +65,7 @@ TARGETS = [("pl-qw", "pl", 1.15), ("qar", "sup", 1.5), ("mt", "sup", 1.3),
            # the same limits against sup with the L + U images in its batch (same images through f)
            ("qar", "sup-LU", 1.5), ("mt", "sup-LU", 1.3)]
 DATA_WAIT_TARGET = 0.10
+BARE_TARGET = 1.10  # qgseg's loop / a bare PyTorch loop, per loop
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,6 +304,199 @@ def target_checks(stats: dict[str, dict[str, Any]], variants: dict[str, Variant]
 
 
 # ---------------------------------------------------------------------------------------------
+# qgseg's loops against a bare PyTorch loop
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class LoopPair:
+    """One loop of qgseg and a bare loop with the same model, batch, size, optimiser and precision."""
+    label: str
+    detail: str
+    qgseg: Any  # () -> (wall s, CPU s, data wall s, data CPU s) of one step
+    bare: Any  # () -> (wall s, CPU s, clip CPU s) of one step
+    times: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in (
+        "q_wall", "q_cpu", "q_data_wall", "q_data_cpu", "b_wall", "b_cpu", "b_clip_cpu")})
+    rounds: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _precision_ctx(device: torch.device, precision: str):
+    """Plain torch.autocast for the bare loops (bf16 by default on CUDA, fp32 on the CPU)."""
+    import contextlib
+
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+
+
+def _engine_step(task, opt, params, it, log, grad_clip: float, device: torch.device, precision: str, step: list[int]):
+    """What Engine._train_epoch does for one batch (single process, no GradScaler)."""
+    from qgseg.engine import autocast
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    batch = next(it)
+    _sync(device)
+    t1, c1 = time.perf_counter(), time.process_time()
+    with autocast(device, precision):
+        loss, terms = task.loss(batch, 1, step[0])
+    log.add(loss, terms)
+    if log.due() and log.first_nonfinite() is not None:
+        raise RuntimeError("loss is not finite")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    step[0] += 1
+    task.after_step(step[0])
+    log.info(1)
+    _sync(device)
+    return time.perf_counter() - t0, time.process_time() - c0, t1 - t0, c1 - c0
+
+
+def _bare_step(forward, opt, params, tensors, bs: int, gen: torch.Generator, device: torch.device, precision: str,
+               grad_clip: float):
+    """A plain loop's step: index a batch of ready float tensors, forward + loss, zero_grad, backward,
+    optimiser step. The gradient clipping qgseg does is timed after it, apart (not in the step)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    idx = torch.randint(len(tensors[0]), (bs,), generator=gen)
+    batch = [t[idx].to(device, non_blocking=True) for t in tensors]
+    with _precision_ctx(device, precision):
+        loss = forward(*batch)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    _sync(device)
+    t1, c1 = time.perf_counter(), time.process_time()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        _sync(device)
+    return t1 - t0, c1 - c0, time.process_time() - c1
+
+
+def build_loop_pairs(args, device: torch.device) -> list[LoopPair]:
+    """g's train-quality step, the weak U-Net's train-weak step and sup's step, each with its bare twin."""
+    import torch.nn.functional as F
+
+    from qgseg import data as D
+    from qgseg.config import load_config
+    from qgseg.corrupt import corrupt_dataset
+    from qgseg.engine import TermLog, fused_optimizer, infinite
+    from qgseg.losses import dice_only_loss, seg_loss
+    from qgseg.models import build_segmenter
+    from qgseg.quality import build_quality_net
+    from qgseg.train_quality import QualityTask
+    from qgseg.weak import WeakTask
+
+    empty = Path(tempfile.mkdtemp(prefix="qgseg-bench-cfg-"))
+    try:
+        cfg = load_config(preset="cpu", cwd=empty).config
+    finally:
+        shutil.rmtree(empty, ignore_errors=True)
+    size, q, w = args.image_size, cfg.quality, cfg.weak
+    data, _ = synthetic_data(size, 48, 1)
+    rows = {"train": np.arange(40), "val": np.arange(40, 44), "test": np.arange(44, 48)}
+    sets = {s: corrupt_dataset(data.masks[r], k=4, seed=i) for i, (s, r) in enumerate(rows.items())}
+    pairs = []
+
+    # g: train-quality's step (the cpu preset's [quality]) and a bare loop over the same masks
+    torch.manual_seed(0)
+    g0 = build_quality_net(q.backbone, input_size=q.input_size, tta_views=q.tta_views)
+    gq, gb = copy.deepcopy(g0).to(device).train(), copy.deepcopy(g0).to(device).train()
+    task = QualityTask(gq, data, rows, sets, q, device)
+    opt_q = torch.optim.AdamW(gq.parameters(), lr=q.lr, weight_decay=q.weight_decay, **fused_optimizer(device))
+    opt_b = torch.optim.AdamW(gb.parameters(), lr=q.lr, weight_decay=q.weight_decay, **fused_optimizer(device))
+    it = infinite(lambda gen: task.batches(1, gen), torch.Generator().manual_seed(0))
+    tr = sets["train"]
+    g_tensors = (D.to_float_images(torch.from_numpy(data.images[rows["train"][tr.case]])),
+                 D.to_float_masks(torch.from_numpy(tr.masks)), torch.from_numpy(tr.dice))
+    log_q, step_q, gen_b = TermLog(device), [0], torch.Generator().manual_seed(0)
+    pq_params = list(gq.parameters())
+    pb_params = list(gb.parameters())
+    pairs.append(LoopPair(
+        "g (train-quality)", f"QualityNet {q.backbone} at {q.input_size or size} px, masks {size} px, batch {task.bs}, "
+        f"AdamW, clip {q.grad_clip}",
+        lambda: _engine_step(task, opt_q, pq_params, it, log_q, q.grad_clip, device, args.precision, step_q),
+        lambda: _bare_step(lambda x, m, y: F.smooth_l1_loss(gb(x, m).float(), y, beta=q.loss_beta), opt_b, pb_params,
+                           g_tensors, task.bs, gen_b, device, args.precision, q.grad_clip)))
+
+    # the weak U-Net: train-weak's step (Adam, Dice loss, no clipping)
+    train_idx = np.arange(40)
+    torch.manual_seed(0)
+    u0 = build_segmenter(w.arch, w.encoder)
+    uq, ub = copy.deepcopy(u0).to(device).train(), copy.deepcopy(u0).to(device).train()
+    wtask = WeakTask(uq, data, train_idx, rows["val"], w.batch_size, device, None, ())
+    wopt_q = torch.optim.Adam(uq.parameters(), lr=w.lr, **fused_optimizer(device))
+    wopt_b = torch.optim.Adam(ub.parameters(), lr=w.lr, **fused_optimizer(device))
+    wit = infinite(lambda gen: wtask.batches(1, gen), torch.Generator().manual_seed(0))
+    w_tensors = (D.to_float_images(torch.from_numpy(data.images[train_idx])),
+                 D.to_float_masks(torch.from_numpy(data.masks[train_idx])))
+    wlog, wstep, wgen = TermLog(device), [0], torch.Generator().manual_seed(0)
+    wq_params, wb_params = list(uq.parameters()), list(ub.parameters())
+    pairs.append(LoopPair(
+        "weak U-Net (train-weak)", f"{w.arch}/{w.encoder} {size} px, batch {wtask.bs}, Adam, no clipping",
+        lambda: _engine_step(wtask, wopt_q, wq_params, wit, wlog, 0.0, device, args.precision, wstep),
+        lambda: _bare_step(lambda x, y: dice_only_loss(ub(x), y).mean(), wopt_b, wb_params, w_tensors, wtask.bs,
+                           wgen, device, args.precision, 0.0)))
+
+    # sup: the SSL step of the steps section (its labeled batch), and a bare loop with seg_loss
+    sargs = copy.copy(args)
+    sargs.methods = ["sup"]
+    v = build_variants(sargs, device)["sup"]
+    sb = copy.deepcopy(v.task.model).train()
+    scfg = v.task.cfg
+    sopt_b = torch.optim.AdamW(sb.parameters(), lr=scfg.train.lr, weight_decay=scfg.train.weight_decay,
+                               **fused_optimizer(device))
+    s_tensors = (D.to_float_images(v.task.lab_images), D.to_float_masks(v.task.lab_masks))
+    sgen, sb_params = torch.Generator().manual_seed(0), list(sb.parameters())
+
+    def sup_step():
+        wait, total, cpu_wait, cpu = train_step(v, device, args.precision)
+        return total, cpu, wait, cpu_wait
+
+    pairs.append(LoopPair(
+        "sup (ssl)", f"{v.task.model.spec['arch']}/{v.task.model.spec['encoder']} {size} px, batch {v.task.bs_l}, "
+        "AdamW, clip 1.0",
+        sup_step,
+        lambda: _bare_step(lambda x, y: seg_loss(sb(x), y).mean(), sopt_b, sb_params, s_tensors, v.task.bs_l, sgen,
+                           device, args.precision, 1.0)))
+    return pairs
+
+
+def run_bare(args, device: torch.device, log) -> dict[str, Any]:
+    """Interleave qgseg's and the bare loop's steps per pair; ratios of medians and per round."""
+    pairs = build_loop_pairs(args, device)
+    for p in pairs:
+        for _ in range(args.warmup):
+            p.qgseg()
+            p.bare()
+    for r in range(args.rounds):
+        for p in (pairs if r % 2 == 0 else pairs[::-1]):
+            start = len(p.times["q_cpu"])
+            for side in (("q", "b") if r % 2 == 0 else ("b", "q")):
+                for _ in range(args.steps):
+                    if side == "q":
+                        for k, val in zip(("q_wall", "q_cpu", "q_data_wall", "q_data_cpu"), p.qgseg()):
+                            p.times[k].append(val)
+                    else:
+                        for k, val in zip(("b_wall", "b_cpu", "b_clip_cpu"), p.bare()):
+                            p.times[k].append(val)
+            p.rounds.append((start, len(p.times["q_cpu"])))
+        log(f"bare round {r + 1}/{args.rounds} done (load {loadavg()[:1]})")
+    out = {}
+    sfx = "cpu" if args.metric == "cpu" else "wall"
+    for p in pairs:
+        t = p.times
+        qm, bm = statistics.median(t[f"q_{sfx}"]), statistics.median(t[f"b_{sfx}"])
+        per_round = [statistics.median(t[f"q_{sfx}"][i:j]) / statistics.median(t[f"b_{sfx}"][i:j]) for i, j in p.rounds]
+        data = statistics.median(t[f"q_data_{sfx}"])
+        out[p.label] = {"detail": p.detail, "metric": args.metric, "qgseg_s": qm, "bare_s": bm, "ratio": qm / bm,
+                        "ratio_min": min(per_round), "ratio_max": max(per_round),
+                        "qgseg_data_s": data, "ratio_without_data": (qm - data) / bm,
+                        "clip_cpu_s": statistics.median(t["b_clip_cpu"]), "target": BARE_TARGET,
+                        "met": qm / bm <= BARE_TARGET, "times": t}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # corruption throughput (benchmarks/bench_corrupt.py)
 # ---------------------------------------------------------------------------------------------
 def corruption(args, log) -> dict[str, Any]:
@@ -441,6 +642,21 @@ def render(result: dict[str, Any]) -> None:
                        fmt(c["ratio_other_metric"]) if "ratio_other_metric" in c else "",
                        "[green]yes[/green]" if c["met"] else "[red]no[/red]")
         con.print(tt)
+    bare = result.get("bare")
+    if bare:
+        mt = next(iter(bare.values()))["metric"]
+        t = Table(title=f"qgseg's loop vs a bare PyTorch loop ({mt} s per step, median; interleaved)")
+        for col in ("loop", "qgseg", "bare", "qgseg / bare", "spread", "without data", "data", "clip (CPU)",
+                    f"<= {BARE_TARGET:.2f}x"):
+            t.add_column(col, justify="left" if col == "loop" else "right")
+        for label, r in bare.items():
+            t.add_row(label, f"{r['qgseg_s']:.3f}", f"{r['bare_s']:.3f}", f"{r['ratio']:.2f}x",
+                      f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}", f"{r['ratio_without_data']:.2f}x",
+                      f"{r['qgseg_data_s']:.3f}", f"{r['clip_cpu_s']:.3f}",
+                      "[green]yes[/green]" if r["met"] else "[red]no[/red]")
+        con.print(t)
+        for label, r in bare.items():
+            con.print(f"  {label}: {r['detail']}")
     co = result.get("corruption")
     if co:
         sizes = list(co["sizes"])
@@ -474,8 +690,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
-    ap.add_argument("--sections", nargs="+", default=["steps", "corrupt", "memory"],
-                    choices=["steps", "corrupt", "memory"])
+    ap.add_argument("--sections", nargs="+", default=["steps", "bare", "corrupt", "memory"],
+                    choices=["steps", "bare", "corrupt", "memory"])
     ap.add_argument("--image-size", type=int, default=96)
     ap.add_argument("--batch", type=int, nargs=2, default=None, metavar=("LABELED", "UNLABELED"),
                     help="labeled and unlabeled batch (default: the cpu preset's 16 32)")
@@ -508,7 +724,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.warmup = args.warmup if args.warmup is not None else (1 if q else 2)
     args.corrupt_sizes = [128, 224]
     args.corrupt_cases, args.corrupt_k = (20, 5) if q else (100, 10)
-    args.corrupt_calls, args.corrupt_repeat = (20, 2) if q else (100, 2)  # best of 2: the first run pays imports
+    args.corrupt_calls, args.corrupt_repeat = (20, 2) if q else (100, 5)  # the fastest of 5 runs (after a warm-up)
     args.skip_demo = args.skip_demo or q
     if args.metric is None:
         args.metric = "wall" if args.device.startswith("cuda") else "cpu"
@@ -543,6 +759,8 @@ def main(argv: list[str] | None = None) -> None:
                          "rounds": args.rounds, "warmup": args.warmup, "metric": args.metric},
             "variants": stats, "targets": target_checks(stats, variants, args.metric)}
         del variants
+    if "bare" in args.sections:
+        result["bare"] = run_bare(args, device, log)
     if "corrupt" in args.sections:
         result["corruption"] = corruption(args, log)
     if "memory" in args.sections:

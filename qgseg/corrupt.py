@@ -14,13 +14,11 @@ import functools
 import io
 import itertools
 import math
-import os
 import random
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import cv2
@@ -515,29 +513,22 @@ def _gauss_blob(m: np.ndarray, rng: np.random.Generator, size: float) -> np.ndar
 
 
 def _kth_smallest(x: np.ndarray, kth: int) -> float:
-    """``np.partition(x, kth)[kth]``, partitioning only the values on the smaller side of a bound
-    estimated from a strided sample (the whole array when the bound misses)."""
+    """``np.partition(x, kth)[kth]`` of a 1-D array, partitioning only the values between two
+    bounds read from a strided sample (a few hundred values instead of all); the whole array when
+    the bounds miss, which the counts below detect, so the result is always the same."""
     n = x.size
     sub = x[::8]
-    if n < 512 or sub.size < 16:
+    s = sub.size
+    if n < 1024:
         return np.partition(x, kth)[kth]
-    margin = max(8, sub.size // 16)  # sample ranks off by more than this are very unlikely
-    q = kth * sub.size // n
-    if kth < n // 2:  # the kth smallest lies among the values <= an upper bound
-        j = q + margin
-        if j < sub.size:
-            hi = np.partition(sub, j)[j]
-            cand = x[x <= hi]
-            if cand.size > kth:
-                return np.partition(cand, kth)[kth]
-    else:  # among the values >= a lower bound: it is the (kth - #below)th of them
-        j = q - margin
-        if j >= 0:
-            lo = np.partition(sub, j)[j]
-            cand = x[x >= lo]
-            below = n - cand.size
-            if below <= kth:
-                return np.partition(cand, kth - below)[kth - below]
+    q = kth * s // n  # the kth value's expected rank in the sample
+    margin = 16 + int(4 * math.sqrt(s * 0.25))  # > 4 standard deviations of that rank
+    lo_j, hi_j = max(0, q - margin), min(s - 1, q + margin)
+    lo, hi = np.partition(sub, (lo_j, hi_j))[[lo_j, hi_j]]
+    below = int(np.count_nonzero(x < lo))
+    cand = x[(x >= lo) & (x <= hi)]
+    if below <= kth < below + cand.size:  # then it is the (kth - below)th smallest between the bounds
+        return np.partition(cand, kth - below)[kth - below]
     return np.partition(x, kth)[kth]
 
 
