@@ -406,7 +406,9 @@ def build_loop_pairs(args, device: torch.device) -> list[LoopPair]:
     opt_b = torch.optim.AdamW(gb.parameters(), lr=q.lr, weight_decay=q.weight_decay, **fused_optimizer(device))
     it = infinite(lambda gen: task.batches(1, gen), torch.Generator().manual_seed(0))
     tr = sets["train"]
-    g_tensors = (D.to_float_images(torch.from_numpy(data.images[rows["train"][tr.case]])),
+    # plain NCHW-contiguous float tensors, as a plain loop has them (to_float_images returns the
+    # uint8 HWC data's strides, i.e. channels-last, which the CPU's convolutions run faster on)
+    g_tensors = (D.to_float_images(torch.from_numpy(data.images[rows["train"][tr.case]])).contiguous(),
                  D.to_float_masks(torch.from_numpy(tr.masks)), torch.from_numpy(tr.dice))
     log_q, step_q, gen_b = TermLog(device), [0], torch.Generator().manual_seed(0)
     pq_params = list(gq.parameters())
@@ -427,7 +429,7 @@ def build_loop_pairs(args, device: torch.device) -> list[LoopPair]:
     wopt_q = torch.optim.Adam(uq.parameters(), lr=w.lr, **fused_optimizer(device))
     wopt_b = torch.optim.Adam(ub.parameters(), lr=w.lr, **fused_optimizer(device))
     wit = infinite(lambda gen: wtask.batches(1, gen), torch.Generator().manual_seed(0))
-    w_tensors = (D.to_float_images(torch.from_numpy(data.images[train_idx])),
+    w_tensors = (D.to_float_images(torch.from_numpy(data.images[train_idx])).contiguous(),
                  D.to_float_masks(torch.from_numpy(data.masks[train_idx])))
     wlog, wstep, wgen = TermLog(device), [0], torch.Generator().manual_seed(0)
     wq_params, wb_params = list(uq.parameters()), list(ub.parameters())
@@ -445,7 +447,7 @@ def build_loop_pairs(args, device: torch.device) -> list[LoopPair]:
     scfg = v.task.cfg
     sopt_b = torch.optim.AdamW(sb.parameters(), lr=scfg.train.lr, weight_decay=scfg.train.weight_decay,
                                **fused_optimizer(device))
-    s_tensors = (D.to_float_images(v.task.lab_images), D.to_float_masks(v.task.lab_masks))
+    s_tensors = (D.to_float_images(v.task.lab_images).contiguous(), D.to_float_masks(v.task.lab_masks))
     sgen, sb_params = torch.Generator().manual_seed(0), list(sb.parameters())
 
     def sup_step():
