@@ -121,6 +121,8 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title(f"g, {result['preset']} preset on {result['data']}: accuracy vs training time (epochs marked)",
                  fontsize=9)
     ax.grid(alpha=0.3)
+    lines = ax.get_lines() + ax2.get_lines()
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="center right", fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
