@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
+import fcntl
 import json
 import math
 import os
@@ -35,14 +37,17 @@ def json_ready(obj: Any) -> Any:
     return obj
 
 
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun, or a single process (as distributed.is_main_process, without torch)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside ``path`` and rename it into place.
 
     Under torchrun only rank 0 writes (the run directory and the data cache are shared).
     """
-    from qgseg.distributed import is_main_process
-
-    if not is_main_process():
+    if not _is_main_process():
         return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -114,6 +119,7 @@ class Run:
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
+        self.previous_status = ""  # the status a resumed run had before this process took it
 
     # -- paths -----------------------------------------------------------------------------
     @property
@@ -182,9 +188,7 @@ class Run:
         self.update_meta(**fields)
 
     def log(self, message: str) -> None:
-        from qgseg.distributed import is_main_process
-
-        if not is_main_process():
+        if not _is_main_process():
             return
         with open(self.path / "log.txt", "a", encoding="utf-8") as f:
             f.write(f"{_now()} {message}\n")
@@ -211,12 +215,17 @@ class Run:
             raise
         except BaseException as e:
             code = _exit_code(e)
-            if code == 130:
+            if getattr(e, "keep_status", False) and self.previous_status:
+                # refused before anything changed (e.g. a damaged last.pt on resume): the run stays as it was
+                self._finish(self.previous_status, " ".join(f"resume refused: {e}".split()))
+            elif code == 130:
                 self._finish("interrupted", "interrupted (exit 130)")
             elif code != 0:
                 reason = f"exit {code}" if code is not None else f"{type(e).__name__}: {e}"
                 self._finish("failed", " ".join(reason.split()))  # one line, as the CLI prints it
             raise
+        finally:
+            release_lock(self.path)  # the stage is over; the kernel would drop it at exit anyway
 
     def _finish(self, status: str, reason: str) -> None:
         # best effort: a damaged meta.json or a full disk must not hide the error being handled
@@ -316,10 +325,96 @@ def _remove_stale_temp_files(run: "Run") -> None:
                     pass
 
 
+# ---------------------------------------------------------------------------------------------
+# the run lock: one process trains a run
+# ---------------------------------------------------------------------------------------------
+LOCK_NAME = ".lock"
+_held: dict[str, int] = {}  # resolved run path -> fd of the lock this process holds
+
+
+def _lock_key(path: Path) -> str:
+    return str(Path(path).resolve())
+
+
+def lock_holder(path: Path | str) -> str:
+    """Who holds the lock of run ``path`` ("process N on HOST"), read from the lock file."""
+    try:
+        text = (Path(path) / LOCK_NAME).read_text(encoding="utf-8").split()
+    except OSError:
+        text = []
+    if len(text) >= 2:
+        return f"process {text[0]} on {text[1]}"
+    pid = Run(path).meta.get("pid")
+    return f"process {pid}" if pid else "another process"
+
+
+def acquire_lock(path: Path | str, option: str = "--out") -> None:
+    """Take the run's OS file lock (``RUN/.lock``, ``fcntl.flock``) for the life of this process.
+
+    The kernel drops the lock when the process ends, however it ends (SIGKILL, power loss of
+    a local disk), so a stale lock cannot exist. A lock this process already holds is kept
+    (re-entrant). Another process holding it is an InputError (exit 2) naming that process.
+    """
+    key = _lock_key(path)
+    if key in _held:
+        return
+    lock_path = Path(path) / LOCK_NAME
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise InputError(f"{option} {path}: cannot create the run lock {lock_path} ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise InputError(f"{option} {path}: run is in use by {lock_holder(path)}; only one process may "
+                             "train a run: wait for it to finish or stop it first") from None
+        raise InputError(f"{option} {path}: cannot lock the run ({e.strerror})") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+    _held[key] = fd
+
+
+def release_lock(path: Path | str) -> None:
+    """Give up the lock of run ``path`` if this process holds it (a stage that ended)."""
+    fd = _held.pop(_lock_key(path), None)
+    if fd is not None:
+        try:
+            os.ftruncate(fd, 0)
+        except OSError:
+            pass
+        os.close(fd)  # closing the only descriptor releases the flock
+
+
+def is_locked(path: Path | str) -> bool:
+    """Whether another process holds the lock of run ``path`` (this process's own lock is not counted)."""
+    if _lock_key(path) in _held:
+        return False
+    lock_path = Path(path) / LOCK_NAME
+    if not lock_path.is_file():
+        return False
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # also drops the probe's own lock
+    return False
+
+
 def new_run_dir(root: Path | str, stage: str, name: str = "") -> Path:
     """Create and return a fresh, empty ``<root>/<stage>/<YYYYmmdd-HHMMSS>[-name]`` (suffixed if taken)."""
     base = Path(root) / stage
-    base.mkdir(parents=True, exist_ok=True)
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"runs_root {root}: cannot make {base} ({e.strerror or e}); set runs_root or --out to "
+                         "a folder you can write to") from None
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     stem = f"{stamp}-{name}" if name else stamp
     path, i = base / stem, 1
@@ -330,6 +425,9 @@ def new_run_dir(root: Path | str, stage: str, name: str = "") -> Path:
         except FileExistsError:
             path = base / f"{stem}-{i}"
             i += 1
+        except OSError as e:
+            raise InputError(f"runs_root {root}: cannot make {path} ({e.strerror or e}); set runs_root or --out "
+                             "to a folder you can write to") from None
 
 
 def create_run(path: Path | str, stage: str, config_toml: str, argv: Iterable[str] | None = None,
@@ -338,7 +436,7 @@ def create_run(path: Path | str, stage: str, config_toml: str, argv: Iterable[st
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(f"--out {path}: is a file, not a folder; choose an empty or new folder")
-    if path.exists() and any(path.iterdir()):
+    if path.exists() and any(p.name != LOCK_NAME for p in path.iterdir()):
         meta_path = path / "meta.json"
         if not meta_path.exists():
             raise InputError(f"--out {path}: folder exists and is not a qgseg run; choose an empty or new folder")
@@ -347,10 +445,14 @@ def create_run(path: Path | str, stage: str, config_toml: str, argv: Iterable[st
             raise InputError(f"--out {path}: a completed run is already there; choose another folder")
         raise InputError(f"--out {path}: an unfinished run ({status or 'unknown'}) is there; "
                          "continue it with --resume or choose another folder")
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "checkpoints").mkdir(exist_ok=True)
-    (path / "plots").mkdir(exist_ok=True)
-    atomic_write_text(path / "config.toml", config_toml)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "checkpoints").mkdir(exist_ok=True)
+        (path / "plots").mkdir(exist_ok=True)
+        atomic_write_text(path / "config.toml", config_toml)
+    except OSError as e:
+        raise InputError(f"--out {path}: cannot write there ({e.strerror or e}); choose a folder you can "
+                         "write to") from None
     run = Run(path)
     meta = {
         "stage": stage,
@@ -439,7 +541,7 @@ def resume_target(value: str, root: Path | str, stage: str) -> Run:
     # a run killed outright (SIGKILL, power loss) still says "running": it is resumable unless
     # its process is alive
     candidates = [r for r in find_runs(root, stage, status=None)
-                  if r.status != "completed" and not _still_running(r)]
+                  if r.status != "completed" and not _still_running(r) and not is_locked(r.path)]
     if not candidates:
         raise InputError(f"--resume: no unfinished {stage} run under {Path(root) / stage}")
     return candidates[-1]
@@ -470,6 +572,8 @@ def start_run(stage: str, loaded: Any, out: Path | str | None, resume: bool = Fa
               device: str = "", name: str = "") -> tuple[Run, Any, bool]:
     """Create a new run directory for ``stage`` or reopen one for ``--resume`` (see
     :func:`_start_run_here`). Under torchrun rank 0 does it and the other ranks open the same run."""
+    if "qgseg.distributed" not in sys.modules:  # never set up: a single process (and no torch import here)
+        return _start_run_here(stage, loaded, out, resume, device, name)
     from qgseg import distributed
 
     if not distributed.active():
@@ -505,7 +609,17 @@ def _start_run_here(stage: str, loaded: Any, out: Path | str | None, resume: boo
     cfg = loaded.config
     if resume:
         run = resume_target(str(out) if out else "latest", cfg.runs_root, stage)
-        cfg = load_run_config(run.path)
+        # the lock makes the checks above final: a second process resuming the same run stops here
+        acquire_lock(run.path, "--out" if out else "--resume")
+        try:
+            meta = run.read_meta()  # read again under the lock: the run may have moved on meanwhile
+            if meta.get("status") == "completed":
+                raise InputError(f"--out {run.path}: run is already completed; nothing to resume")
+            cfg = load_run_config(run.path)
+        except BaseException:
+            release_lock(run.path)
+            raise
+        run.previous_status = str(meta.get("status", ""))
         _warn_ignored_options(loaded, cfg, run)
         _remove_stale_temp_files(run)
         meta = run.read_meta()
@@ -515,7 +629,19 @@ def _start_run_here(stage: str, loaded: Any, out: Path | str | None, resume: boo
         run.log("resumed")
         return run, cfg, True
     path = Path(out) if out else new_run_dir(cfg.runs_root, stage, name)
-    run = create_run(path, stage, dumps_toml(cfg), device=device,
-                     extra={"config_file": getattr(loaded, "config_file", "")})
+    if path.is_dir() and any(p.name != LOCK_NAME for p in path.iterdir()):
+        create_run(path, stage, "")  # refuses with the reason (a run or other files are there)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {path}: cannot write there ({e.strerror or e}); choose a folder you can "
+                         "write to") from None
+    acquire_lock(path)  # two processes given the same new --out: one makes the run, the other stops
+    try:
+        run = create_run(path, stage, dumps_toml(cfg), device=device,
+                         extra={"config_file": getattr(loaded, "config_file", "")})
+    except BaseException:
+        release_lock(path)
+        raise
     run.log(f"created {stage} run")
     return run, cfg, False

@@ -533,3 +533,95 @@ def test_crafted_last_pt_via_resume_is_refused(synth_data, quality_ref, tmp_path
     assert "last.pt" in one_error_line(res.stderr)
     assert not (tmp_path / "pwned").exists()
     assert Run(run).status == "failed"
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. one process per run: the run lock
+# ---------------------------------------------------------------------------------------------
+# What `qgseg <stage> --resume --out RUN` does up to training, in a process that imports no torch:
+# take the run (start_run), then hold it until the test says so (a stand-in for the epochs).
+_RESUMER = """
+import sys, time
+from pathlib import Path
+from qgseg.config import load_config
+from qgseg.errors import InputError
+from qgseg.runs import start_run
+run_dir, release = Path(sys.argv[1]), Path(sys.argv[2])
+loaded = load_config(sets=[f"runs_root={run_dir.parent}"], cwd=run_dir.parent)
+try:
+    run, _, resuming = start_run("ssl", loaded, run_dir, resume=True)
+except InputError as e:
+    print(f"qgseg: error: {e}", file=sys.stderr)
+    sys.exit(2)
+with run.guard():
+    run.log("training")
+    end = time.time() + 60
+    while not release.exists() and time.time() < end:
+        time.sleep(0.01)
+    run.set_status("completed")
+"""
+
+
+def _interrupted_run(path: Path) -> Run:
+    from qgseg.runs import release_lock
+
+    loaded = load_config(sets=[f"runs_root={path.parent}"], cwd=path.parent)
+    run, _, _ = start_run("ssl", loaded, path)
+    run.set_status("interrupted")
+    release_lock(run.path)
+    return run
+
+
+def test_two_concurrent_resumes_one_trains_the_other_exits_2(tmp_path):
+    """20 trials, each two processes started together on one interrupted run (all trials at once)."""
+    trials = []
+    for i in range(20):
+        run = _interrupted_run(tmp_path / f"r{i}")
+        release = tmp_path / f"release{i}"
+        procs = [subprocess.Popen([sys.executable, "-c", _RESUMER, str(run.path), str(release)], env=env(tmp_path),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        trials.append((run, release, procs))
+    for run, release, procs in trials:
+        first = None
+        end = time.time() + 120
+        while first is None and time.time() < end:  # the loser stops at once; the winner waits for release
+            first = next((p for p in procs if p.poll() is not None), None)
+            time.sleep(0.01)
+        release.touch()
+        codes = sorted(p.wait(60) for p in procs)
+        errors = [p.stderr.read() for p in procs]
+        assert codes == [0, 2], errors
+        line = one_error_line(next(e for e in errors if e))
+        assert str(run.path) in line, line
+        assert "in use by process" in line or "still in progress (process" in line, line
+        assert run.status == "completed"
+        assert (run.path / "log.txt").read_text().count("training") == 1  # trained once, never twice
+
+
+def test_two_concurrent_cli_resumes_of_a_real_run(quality_ref, tmp_path):
+    """End to end: two `qgseg train-quality --resume --out RUN` started together on a run with two
+    epochs left. One trains them (exit 0), the other exits 2 naming the holder; each epoch is
+    trained and logged once."""
+    import shutil
+
+    run = tmp_path / "q"
+    shutil.copytree(quality_ref, run)
+    (run / "summary.json").unlink()
+    Run(run).set_status("interrupted")
+    text = (run / "config.toml").read_text()
+    (run / "config.toml").write_text(text.replace("epochs = 4", "epochs = 6", 1))
+    procs = []
+    for i in range(2):
+        root = tmp_path / f"p{i}"
+        root.mkdir()
+        procs.append((root, spawn(["train-quality", "--resume", "--out", run], root)))
+    codes = sorted(p.wait(300) for _, p in procs)
+    errors = [stderr_of(root) for root, _ in procs]
+    assert codes == [0, 2], errors
+    loser = next(e for (root, p), e in zip(procs, errors) if p.returncode == 2)
+    line = one_error_line(loser)
+    assert "process" in line and str(run) in line
+    assert Run(run).status == "completed"
+    log = (run / "log.txt").read_text()
+    assert log.count("epoch 5:") == 1 and log.count("epoch 6:") == 1
+    assert len(metrics(run)) == 6
