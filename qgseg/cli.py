@@ -2,7 +2,8 @@
 
 stdout carries only the result (a Rich table, or one JSON document with ``--json``); logs and
 progress go to stderr. Exit codes: 0 success, 1 runtime failure, 2 bad usage / config / data,
-130 interrupted (after a resumable checkpoint was written).
+3 completed but a key metric is undefined (summary.json lists it under ``undefined`` with the
+reason), 130 interrupted (after a resumable checkpoint was written).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing_extensions import Annotated
 from qgseg.errors import QgsegError
 
 log = logging.getLogger("qgseg")
+EXIT_UNDEFINED = 3  # the run completed, but a key metric of its summary is undefined (null, with a reason)
 
 app = typer.Typer(
     name="qgseg",
@@ -159,6 +161,13 @@ def _emit(json_out: bool, result: dict[str, Any], render: Callable[[], Any]) -> 
         out = render()
         if out is not None:
             stdout_console().print(out)
+    undefined = result.get("key_metrics_undefined") if isinstance(result, dict) else None
+    if undefined:  # finished, but the numbers that matter are not defined: say so and exit 3
+        for w in result.get("warnings", []):
+            print(f"qgseg: warning: {_one_line(w)}", file=sys.stderr)
+        print(f"qgseg: warning: {result.get('run') or result.get('out', '')}: completed with undefined key "
+              f"metrics ({', '.join(undefined)}); exit code 3", file=sys.stderr)
+        raise typer.Exit(EXIT_UNDEFINED)
 
 
 # ---------------------------------------------------------------------------------------------

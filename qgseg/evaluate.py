@@ -123,7 +123,7 @@ def run_evaluate(loaded: Any, run_dir: str | Path, data_dir: str | Path | None =
 
     from qgseg.config import load_run_config
     from qgseg.engine import resolve_device
-    from qgseg.runs import Run, json_ready, write_json
+    from qgseg.runs import Run, finish_summary, write_json
 
     log = logging.getLogger("qgseg")
     run_path = Path(run_dir)
@@ -154,7 +154,9 @@ def run_evaluate(loaded: Any, run_dir: str | Path, data_dir: str | Path | None =
     else:
         roots = _quality_roots(loaded.config.runs_root, run_path)
         summary = _evaluate_segmentation(run, stage, data, rows, checkpoint, quality, roots, device, out_dir)
-    summary = json_ready({**base, **summary})
+    key = ("mae", "pearson") if stage == "train-quality" else ("dsc",)
+    reasons = summary.pop("_reasons", None)
+    summary = finish_summary({**base, **summary}, key, reasons)
     write_json(out_dir / "summary.json", summary)
     return out_dir, summary
 
@@ -209,7 +211,7 @@ def _evaluate_quality(run: Any, rcfg: Any, data: LabeledData, rows: np.ndarray, 
     from qgseg import plots
     from qgseg.corrupt import FOREIGN_SALT, SPLIT_SALT, corrupt_dataset, eval_seed
     from qgseg.engine import load_modules, saved_module
-    from qgseg.metrics import regression_metrics
+    from qgseg.metrics import correlation_undefined_reason, regression_metrics
     from qgseg.quality import QualityNet, mae_by_category, quality_report
     from qgseg.runs import Run
 
@@ -247,6 +249,9 @@ def _evaluate_quality(run: Any, rcfg: Any, data: LabeledData, rows: np.ndarray, 
     summary.update(metrics)
     summary["pearson_p"], summary["spearman_p"] = r["pearson_p"], r["spearman_p"]
     summary["mae_by_category"] = {k: float(v) for k, v in per_cat["mae"].items()}
+    why = correlation_undefined_reason(table["pred"].to_numpy(), table["dice"].to_numpy())
+    if why:
+        summary["_reasons"] = {k: why for k in ("pearson", "spearman", "pearson_p", "spearman_p")}
     true, pred = table["dice"].to_numpy(float), table["pred"].to_numpy(float)
     plots.quality_scatter(true, pred, out_dir / "plots" / "scatter.png", categories=table["category"].tolist(),
                           title=f"g on {out_dir.name}: MAE {metrics['mae']:.3f}, Pearson {metrics['pearson']:.3f}")

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from scipy import ndimage, stats
 
-__all__ = ["dice_per_sample", "iou_per_sample", "hd95_per_sample", "mean_se", "regression_metrics", "e_val"]
+__all__ = ["dice_per_sample", "iou_per_sample", "hd95_per_sample", "mean_se", "regression_metrics", "e_val",
+           "correlation_undefined_reason"]
 
 _CROSS = ndimage.generate_binary_structure(2, 1)
 
@@ -123,6 +124,22 @@ def regression_metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
         out["pearson"], out["pearson_p"] = float(r.statistic), float(r.pvalue)
         out["spearman"], out["spearman_p"] = float(s.statistic), float(s.pvalue)
     return out
+
+
+def correlation_undefined_reason(pred: np.ndarray, true: np.ndarray, what: str = "masks") -> str:
+    """Why the correlation of ``pred`` with ``true`` is undefined ("" when it is defined)."""
+    p = np.asarray(pred, dtype=np.float64).ravel()
+    t = np.asarray(true, dtype=np.float64).ravel()
+    ok = ~(np.isnan(p) | np.isnan(t))
+    p, t = p[ok], t[ok]
+    if p.size < 2:
+        return f"fewer than 2 {what} with a finite value ({p.size})"
+    if np.ptp(t) == 0:
+        return (f"the true Dice is {t[0]:g} for every one of the {t.size} {what} (e.g. every mask is empty): a "
+                "constant has no correlation")
+    if np.ptp(p) == 0:
+        return f"the prediction is {p[0]:g} for every one of the {p.size} {what}: a constant has no correlation"
+    return ""
 
 
 def e_val(val_dsc: Sequence[float], fraction: float = 0.96) -> int:

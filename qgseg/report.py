@@ -42,7 +42,10 @@ def setup_logging(quiet: bool = False, debug: bool = False) -> None:
 
 def print_json(obj: Any) -> None:
     """Exactly one JSON document on stdout."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=_default, allow_nan=True) + "\n")
+    from qgseg.runs import json_safe
+
+    clean, _ = json_safe(obj)  # strict JSON: NaN / infinity are null (summaries say why under "undefined")
+    sys.stdout.write(json.dumps(clean, indent=2, default=_default, allow_nan=False) + "\n")
     sys.stdout.flush()
 
 

@@ -71,7 +71,54 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    """Strict JSON (RFC 8259): a NaN or infinity is written as null, never as a bare ``NaN``."""
+    clean, _ = json_safe(obj)
+    atomic_write_text(path, json.dumps(clean, indent=2, default=_json_default, allow_nan=False) + "\n")
+
+
+def json_safe(obj: Any, _prefix: str = "") -> tuple[Any, list[str]]:
+    """``obj`` with every non-finite float (NaN, +-inf, numpy / torch scalars too) replaced by None,
+    and the dotted keys where that happened."""
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
+        obj = obj.item()
+    if isinstance(obj, float):
+        return (obj, []) if math.isfinite(obj) else (None, [_prefix or "value"])
+    if isinstance(obj, dict):
+        out, bad = {}, []
+        for k, v in obj.items():
+            out[k], b = json_safe(v, f"{_prefix}.{k}" if _prefix else str(k))
+            bad += b
+        return out, bad
+    if isinstance(obj, (list, tuple)):
+        out_l, bad = [], []
+        for i, v in enumerate(obj):
+            c, b = json_safe(v, f"{_prefix}[{i}]")
+            out_l.append(c)
+            bad += b
+        return out_l, bad
+    return obj, []
+
+
+def finish_summary(summary: dict[str, Any], key_metrics: Iterable[str] = (),
+                   reasons: dict[str, str] | None = None) -> dict[str, Any]:
+    """A summary that is defined: non-finite values become null, each listed with a reason under
+    ``undefined``; key metrics that are null also go to ``key_metrics_undefined`` with a warning
+    under ``warnings`` (the CLI prints them and exits 3, see docs/reliability.md)."""
+    reasons = reasons or {}
+    clean, bad = json_safe(summary)
+    undefined = dict(clean.get("undefined") or {})
+    for key in bad:
+        undefined.setdefault(key, reasons.get(key, "not a finite number (NaN or infinite)"))
+    missing = [k for k in key_metrics if clean.get(k) is None]
+    for key in missing:
+        undefined.setdefault(key, reasons.get(key, "not computed"))
+    if undefined:
+        clean["undefined"] = undefined
+    if missing:
+        clean["key_metrics_undefined"] = missing
+        clean["warnings"] = list(clean.get("warnings") or []) + [
+            f"key metric {k} is undefined: {undefined[k]}" for k in missing]
+    return clean
 
 
 def read_json(path: Path) -> Any:
@@ -193,8 +240,14 @@ class Run:
         with open(self.path / "log.txt", "a", encoding="utf-8") as f:
             f.write(f"{_now()} {message}\n")
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
+    def write_summary(self, summary: dict[str, Any], key_metrics: Iterable[str] = (),
+                      reasons: dict[str, str] | None = None) -> dict[str, Any]:
+        """Write summary.json through :func:`finish_summary`; returns what was written."""
+        summary = finish_summary(summary, key_metrics, reasons)
         write_json(self.path / "summary.json", summary)
+        for w in summary.get("warnings", []):
+            self.log(f"warning: {w}")
+        return summary
 
     @property
     def summary(self) -> dict[str, Any]:

@@ -349,7 +349,7 @@ def run_ssl(loaded, out: Path | str | None = None, resume: bool = False,
             return run, {}  # rank 0 evaluates on test and writes the summary
         summary = _test(run, task, test, fit, {"parameters": params["model"], "quality_run": quality_run,
                                                "quality_views": quality_views})
-        run.write_summary(summary)
+        summary = run.write_summary(summary, key_metrics=("test_dsc", "best_val_dsc"))
         run.set_status("completed")
     return run, summary
 

@@ -19,7 +19,7 @@ from qgseg import distributed
 from qgseg.config import Config, QualityConfig, load_run_config
 from qgseg.corrupt import CorruptedSet, build_dq, corrupt_dataset, labeled_and_splits, load_dq
 from qgseg.engine import FitSettings, Task, fit_and_restore_best, fused_optimizer, resolve_device
-from qgseg.metrics import regression_metrics
+from qgseg.metrics import correlation_undefined_reason, regression_metrics
 from qgseg.quality import grounding_checks, mae_by_category, predict_quality, quality_report
 from qgseg.report import Reporter
 from qgseg.runs import Run, resolve_link, start_run
@@ -188,6 +188,7 @@ def _test(run: Run, cfg: Config, task: QualityTask, data: D.LabeledData, test_st
     plots.quality_scatter(table["dice"].to_numpy(), table["pred"].to_numpy(), run.plots / "scatter.png",
                           categories=table["category"].tolist(),
                           title=f"g on test: MAE {metrics['mae']:.3f}, Pearson {metrics['pearson']:.3f}")
+    why = correlation_undefined_reason(table["pred"].to_numpy(), table["dice"].to_numpy(), "test masks")
     return {"run": str(run.path), "stage": "train-quality", "image_size": cfg.data.image_size,
             "backbone": q.backbone, "g_input_size": q.input_size or cfg.data.image_size,
             "g_tta_views": q.tta_views,
@@ -195,7 +196,8 @@ def _test(run: Run, cfg: Config, task: QualityTask, data: D.LabeledData, test_st
             "stopped_early": fit.stopped_early, "train_seconds": round(fit.seconds, 1),
             "train_masks_seen": fit.epochs_run * task.steps_per_epoch() * task.bs * distributed.world_size(),
             **{f"test_{k}": v for k, v in metrics.items()},
-            "test_mae_by_category": {k: float(v) for k, v in per_cat["mae"].items()}}
+            "test_mae_by_category": {k: float(v) for k, v in per_cat["mae"].items()},
+            "_reasons": {k: why for k in ("test_pearson", "test_spearman")} if why else {}}
 
 
 def run_train_quality(loaded, out: Path | str | None = None, resume: bool = False,
@@ -231,6 +233,7 @@ def run_train_quality(loaded, out: Path | str | None = None, resume: bool = Fals
         if fit is None:
             return run, {}  # rank 0 evaluates on test and writes the summary
         summary = _test(run, cfg, task, data, splits["test"], fit)
-        run.write_summary(summary)
+        reasons = summary.pop("_reasons")
+        summary = run.write_summary(summary, key_metrics=("test_mae", "test_pearson"), reasons=reasons)
         run.set_status("completed")
     return run, summary

@@ -625,3 +625,49 @@ def test_two_concurrent_cli_resumes_of_a_real_run(quality_ref, tmp_path):
     log = (run / "log.txt").read_text()
     assert log.count("epoch 5:") == 1 and log.count("epoch 6:") == 1
     assert len(metrics(run)) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. finished means defined: no NaN in JSON, undefined key metrics are a warning and exit 3
+# ---------------------------------------------------------------------------------------------
+def _strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _empty_masks(tiny_labeled, n: int = 12) -> Path:
+    import cv2
+    import numpy as np
+
+    root = tiny_labeled(n, size=32, name="empty")
+    for m in (root / "masks").iterdir():
+        cv2.imwrite(str(m), np.zeros((32, 32), np.uint8))
+    return root
+
+
+def test_undefined_key_metrics_warn_exit_3_and_json_stays_strict(tiny_labeled, tmp_path):
+    data = _empty_masks(tiny_labeled)
+    res = cli("train-quality", "--labeled", data, *sets(QUALITY), "--set", "quality.epochs=1", *common(tmp_path),
+              "--out", tmp_path / "q", "--json")
+    assert res.exit_code == 3, res.stderr
+    summary = _strict_json(res.stdout)
+    written = _strict_json((tmp_path / "q" / "summary.json").read_text())
+    assert summary == written
+    assert summary["test_pearson"] is None and "test_pearson" in summary["key_metrics_undefined"]
+    assert "every mask is empty" in summary["undefined"]["test_pearson"]
+    assert any("test_pearson" in w for w in summary["warnings"])
+    assert "qgseg: warning:" in res.stderr and "exit code 3" in res.stderr
+    assert Run(tmp_path / "q").status == "completed"  # it did finish; the warning says what is missing
+
+
+def test_json_output_never_holds_nan(tmp_path, capsys):
+    from qgseg.report import print_json
+    from qgseg.runs import read_json, write_json
+
+    obj = {"a": float("nan"), "b": [float("inf"), 1.0], "c": {"d": -float("inf")}}
+    write_json(tmp_path / "x.json", obj)
+    assert _strict_json((tmp_path / "x.json").read_text()) == {"a": None, "b": [None, 1.0], "c": {"d": None}}
+    print_json(obj)
+    assert _strict_json(capsys.readouterr().out) == read_json(tmp_path / "x.json")
