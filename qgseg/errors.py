@@ -18,3 +18,9 @@ class TrainingDiverged(QgsegError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
     exit_code = 1
+
+
+class ResumeRefused(InputError):
+    """A resume refused before anything changed (exit 2): the run keeps the status it had."""
+
+    keep_status = True

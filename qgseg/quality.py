@@ -329,3 +329,99 @@ def mae_by_category(table: pd.DataFrame) -> pd.DataFrame:
     """g's mean absolute error and mask count per corruption category of a :func:`quality_report` table."""
     return (table.groupby("category")["abs_error"].agg(["mean", "count"])
             .rename(columns={"mean": "mae", "count": "masks"}))
+# g's identity and the automatic choice of g (one logic for ssl and evaluate)
+# ---------------------------------------------------------------------------------------------
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    """A content hash of weights: every tensor's name, dtype, shape and bytes, in key order."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def g_sha256(run: Run | Path | str) -> str:
+    """The content hash of the g in a train-quality run's best.pt ("" when it cannot be read)."""
+    from qgseg.engine import load_checkpoint
+
+    run = run if isinstance(run, Run) else Run(run)
+    try:
+        ck = load_checkpoint(run.checkpoints / "best.pt", "g checkpoint")
+    except InputError:
+        return ""
+    g = (ck.get("modules") or {}).get("g")
+    return weights_sha256(g) if g else ""
+
+
+def g_dataset(run: Run | Path | str) -> str:
+    """The labeled data folder a train-quality run trained g on (resolved), "" if unrecorded."""
+    run = run if isinstance(run, Run) else Run(run)
+    data = run.meta.get("data", "")
+    return str(Path(data).resolve()) if data else ""
+
+
+def same_dataset(run: Run | Path | str, data_root: Path | str, stems: list[str] | None = None) -> bool | None:
+    """Whether g of ``run`` was trained on ``data_root`` (the same folder, or the same case names
+    when ``stems`` is given); None when g's run does not record its data."""
+    from qgseg.runs import read_json
+
+    run = run if isinstance(run, Run) else Run(run)
+    theirs = g_dataset(run)
+    if not theirs:
+        return None
+    if theirs == str(Path(data_root).resolve()):
+        return True
+    if stems is not None:  # the same data set copied elsewhere
+        try:
+            splits = read_json(run.path / "splits.json")
+            return sorted(s for v in splits.values() for s in v) == sorted(stems)
+        except (OSError, ValueError, AttributeError):
+            return False
+    return False
+
+
+def compatible_quality_runs(roots: list[Path], image_size: int, data_root: Path | str | None = None) -> list[Run]:
+    """Completed train-quality runs under ``roots`` whose g fits ``image_size`` and has a best.pt,
+    best first: those trained on ``data_root`` before others, newer before older.
+
+    This is the one automatic choice of g: ``ssl`` (no ``--quality``) and ``evaluate`` both take
+    the first.
+    """
+    from qgseg.config import load_run_config
+    from qgseg.runs import find_runs
+
+    found: dict[str, tuple[bool, str, Run]] = {}
+    for root in roots:
+        for r in find_runs(root, "train-quality"):
+            key = str(r.path.resolve())
+            if key in found or not (r.checkpoints / "best.pt").is_file():
+                continue
+            try:
+                if load_run_config(r.path).data.image_size != image_size:
+                    continue
+            except (InputError, OSError):
+                continue
+            same = bool(data_root) and same_dataset(r, data_root) is True
+            found[key] = (same, r.meta.get("created", ""), r)
+    return [r for *_, r in sorted(found.values(), key=lambda t: (t[0], t[1]), reverse=True)]
+
+
+def no_compatible_g(roots: list[Path], image_size: int) -> str:
+    """Why the automatic choice found no g (for error messages and notes)."""
+    from qgseg.config import load_run_config
+    from qgseg.runs import find_runs
+
+    where = " or ".join(str(Path(r) / "train-quality") for r in roots)
+    sizes = []
+    for root in roots:
+        for r in find_runs(root, "train-quality"):
+            try:
+                sizes.append(load_run_config(r.path).data.image_size)
+            except (InputError, OSError):
+                continue
+    other = f" (there are completed ones at {', '.join(f'{s} px' for s in sorted(set(sizes)))})" if sizes else ""
+    return f"no completed train-quality run at {image_size} px under {where}{other}"

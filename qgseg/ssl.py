@@ -24,13 +24,13 @@ from qgseg import data as D
 from qgseg import distributed
 from qgseg.config import Config
 from qgseg.engine import FitSettings, Task, fit_and_restore_best, fused_optimizer, infinite, resolve_device
-from qgseg.errors import InputError
+from qgseg.errors import InputError, ResumeRefused
 from qgseg.methods import Context, Method, get_method, qw_methods, ramp_weight
 from qgseg.methods.common import EMATeacher
 from qgseg.predict import evaluate_predictions, predict_probs, summarise
-from qgseg.quality import QualityPredictor, weighted_mean
+from qgseg.quality import QualityPredictor, g_dataset, same_dataset, weighted_mean, weights_sha256
 from qgseg.report import Reporter
-from qgseg.runs import Run, json_ready, latest, read_json, resolve_link, start_run, write_json
+from qgseg.runs import Run, json_ready, read_json, resolve_link, start_run, write_json
 
 log = logging.getLogger("qgseg")
 STAGE = "ssl"
@@ -60,28 +60,29 @@ def needs_quality(cfg: Config) -> bool:
 def find_quality(cfg: Config) -> str:
     """The train-quality run g comes from, "" for none (checked before a run directory is made).
 
-    --qw and QAR need one: an explicit ``ssl.quality`` / ``--quality`` or the newest completed
-    train-quality run, trained at this image size. Otherwise g only adds the val/test quality
-    columns: an explicit run is used (and must fit), else the newest one if it fits, else none.
+    An explicit ``ssl.quality`` / ``--quality`` must be a completed run at this image size.
+    Otherwise the automatic choice (:func:`qgseg.quality.compatible_quality_runs`, the same as
+    ``evaluate``'s) takes the newest completed g at this image size, preferring one trained on
+    this data set. --qw and QAR need one; without them g only adds the val/test quality columns.
     """
     from qgseg.config import load_run_config
+    from qgseg.quality import compatible_quality_runs, no_compatible_g
 
     size = cfg.data.image_size
-    if needs_quality(cfg) or cfg.ssl.quality:
+    if cfg.ssl.quality:
         run = resolve_link(cfg.ssl.quality, cfg.runs_root, "train-quality", "--quality")
         g_size = load_run_config(run.path).data.image_size
         if g_size != size:
             raise InputError(f"--quality {run.path}: g was trained at {g_size} px but this run uses "
-                             f"data.image_size = {size}; use the same image size or pass --quality RUN")
+                             f"data.image_size = {size}; use the same image size or pass another --quality RUN")
         return str(run.path)
-    run = latest(cfg.runs_root, "train-quality")
-    if run is None:
-        return ""
-    try:
-        if load_run_config(run.path).data.image_size == size:
-            return str(run.path)
-    except (InputError, OSError) as e:
-        log.info("val quality columns off: %s", e)
+    found = compatible_quality_runs([Path(cfg.runs_root)], size, cfg.data.labeled or None)
+    if found:
+        return str(found[0].path)
+    if needs_quality(cfg):
+        need = "--qw" if cfg.ssl.qw else ("--method qar" if cfg.ssl.method == "qar" else "--qar-weight")
+        raise InputError(f"{need}: needs a quality predictor g, but there is {no_compatible_g([Path(cfg.runs_root)], size)}; "
+                         f"run `qgseg train-quality` at {size} px first or pass --quality RUN")
     return ""
 
 
@@ -249,12 +250,12 @@ def _splits(run: Run, data: D.LabeledData, cfg: Config) -> dict[str, list[str]]:
     return splits
 
 
-def _load_quality(link: str, cfg: Config) -> QualityPredictor | None:
+def _load_quality(link: str, cfg: Config, option: str = "--quality") -> QualityPredictor | None:
     """Load g; a g that is only wanted for the quality columns may fail to load (then: none)."""
     if not link:
         return None
     try:
-        g = QualityPredictor.from_run(link, cfg.data.image_size)
+        g = QualityPredictor.from_run(link, cfg.data.image_size, option=option)
     except InputError as e:
         if needs_quality(cfg) or cfg.ssl.quality:
             raise
@@ -280,7 +281,8 @@ def _test(run: Run, task: SSLTask, test: D.LabeledData, fit: Any, facts: dict[st
         "run": str(run.path), "stage": STAGE, "method": task.method.name, "qw": cfg.ssl.qw,
         "qar_weight": cfg.ssl.qar_weight, "arch": model_spec(model)["arch"], "encoder": model_spec(model)["encoder"],
         "parameters": facts["parameters"], "image_size": cfg.data.image_size, "quality_run": facts["quality_run"],
-        "quality_views": facts["quality_views"],
+        "quality_views": facts["quality_views"], "quality_sha256": facts["quality_sha256"],
+        "quality_data": facts["quality_data"],
         "n_train": len(task.lab_images), "n_val": len(task.val_set), "n_test": len(test),
         "n_unlabeled": 0 if task.unl_images is None else len(task.unl_images),
         "best_epoch": fit.best_epoch, "best_val_dsc": fit.best_value, "epochs_run": fit.epochs_run,
@@ -311,16 +313,29 @@ def run_ssl(loaded, out: Path | str | None = None, resume: bool = False,
                                    name=loaded.config.ssl.method + ("-qw" if loaded.config.ssl.qw else ""))
     with run.guard():
         method = check_config(cfg)
+        option = "--quality" if cfg.ssl.quality else "g (the newest compatible train-quality run)"
         if resuming:  # the g the run started with, not a newer one
-            quality_run = run.meta.get("quality_run", "")
-        quality = _load_quality(quality_run, cfg)
+            quality_run, option = run.meta.get("quality_run", ""), f"g of {run.path} (recorded in meta.json)"
+        quality = _load_quality(quality_run, cfg, option)
         quality_run = quality.source if quality is not None else ""
         quality_views = quality.net.views if quality is not None else 0
-        run.update_meta(quality_run=quality_run, quality_views=quality_views)
+        quality_sha = weights_sha256(quality.net.state_dict()) if quality is not None else ""
+        recorded = run.meta.get("quality_sha256", "") if resuming else ""
+        if recorded and quality_sha != recorded:
+            raise ResumeRefused(f"--resume {run.path}: g changed since the run started ({quality_run or 'gone'}: "
+                                f"weights sha256 {quality_sha[:12] or '-'}, the run started with {recorded[:12]}); "
+                                "resuming with another g would mix two runs: restore that g or start a new run")
+        run.update_meta(quality_run=quality_run, quality_views=quality_views, quality_sha256=quality_sha,
+                        quality_data=g_dataset(quality_run) if quality_run else "")
         if quality is None and needs_quality(cfg):
             raise InputError(f"--resume {run.path}: the run records no quality predictor g")
         quality = quality.to(device) if quality is not None else None
         data = D.load_labeled(cfg.data.labeled, cfg.data.image_size, cfg.data.cache_dir)
+        g_warning = ""
+        if quality_run and same_dataset(quality_run, data.root, data.stems) is False:
+            g_warning = (f"g ({quality_run}) was trained on {g_dataset(quality_run)}, this run uses {data.root}: "
+                         "its quality scores may not transfer to this data set")
+            log.warning("%s", g_warning)
         splits = _splits(run, data, cfg)
         train, val, test = (data.subset(splits[k]) for k in ("train", "val", "test"))
         unlabeled = None
@@ -348,7 +363,10 @@ def run_ssl(loaded, out: Path | str | None = None, resume: bool = False,
         if fit is None:
             return run, {}  # rank 0 evaluates on test and writes the summary
         summary = _test(run, task, test, fit, {"parameters": params["model"], "quality_run": quality_run,
-                                               "quality_views": quality_views})
+                                               "quality_views": quality_views, "quality_sha256": quality_sha,
+                                               "quality_data": g_dataset(quality_run) if quality_run else ""})
+        if g_warning:
+            summary["warnings"] = [g_warning]
         summary = run.write_summary(summary, key_metrics=("test_dsc", "best_val_dsc"))
         run.set_status("completed")
     return run, summary

@@ -671,3 +671,83 @@ def test_json_output_never_holds_nan(tmp_path, capsys):
     assert _strict_json((tmp_path / "x.json").read_text()) == {"a": None, "b": [None, 1.0], "c": {"d": None}}
     print_json(obj)
     assert _strict_json(capsys.readouterr().out) == read_json(tmp_path / "x.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. g's provenance: identity recorded, other data set warned, changed g refused on resume,
+#    one automatic choice for ssl and evaluate
+# ---------------------------------------------------------------------------------------------
+def _copy_run(src: Path, dst: Path, newer: bool = False) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    (dst / ".lock").unlink(missing_ok=True)
+    if newer:
+        from qgseg.runs import _now
+
+        Run(dst).update_meta(created=_now())
+    return dst
+
+
+def test_ssl_records_g_and_warns_when_g_was_trained_on_other_data(synth_data, quality_ref, tiny_labeled, tmp_path):
+    from qgseg.quality import g_sha256
+
+    other = tiny_labeled(12, size=32, name="other")
+    res = cli("ssl", "--method", "mt", "--qw", "--quality", quality_ref, "--labeled", other,
+              "--unlabeled", synth_data / "unlabeled", *sets(SSL), *common(tmp_path), "--out", tmp_path / "s", "--json")
+    summary = ok(res)
+    assert "was trained on" in res.stderr and str(other.resolve()) in res.stderr
+    assert any("was trained on" in w for w in summary["warnings"])
+    meta = Run(tmp_path / "s").meta
+    assert meta["quality_sha256"] == summary["quality_sha256"] == g_sha256(quality_ref) != ""
+    assert meta["quality_data"] == str((synth_data / "labeled").resolve())
+
+
+def test_ssl_resume_refuses_when_g_changed(quality_ref, ssl_ref, tmp_path):
+    q = _copy_run(quality_ref, tmp_path / "q")
+    run = _copy_run(ssl_ref, tmp_path / "s")
+    (run / "summary.json").unlink()
+    Run(run).update_meta(quality_run=str(q))
+    Run(run).set_status("interrupted")
+    ck = E.load_checkpoint(q / "checkpoints" / "best.pt")
+    name = next(k for k, v in ck["modules"]["g"].items() if v.is_floating_point())
+    ck["modules"]["g"][name] = ck["modules"]["g"][name] + 0.5
+    E.save_checkpoint(q / "checkpoints" / "best.pt", ck)
+    res = cli("ssl", "--resume", "--out", run)
+    assert res.exit_code == 2, res.stderr
+    line = one_error_line(res.stderr)
+    assert "g changed" in line and str(q) in line
+    assert Run(run).status == "interrupted"  # refused before anything changed
+
+
+def test_automatic_g_is_the_newest_compatible_one_in_ssl_and_evaluate(quality_ref, tmp_path):
+    from qgseg.evaluate import find_quality_run
+    from qgseg.ssl import find_quality
+
+    root = tmp_path / "runs"
+    fits = _copy_run(quality_ref, root / "train-quality" / "fits", newer=True)
+    _quality_run(root / "train-quality", 64)  # newer still, but at 64 px
+    assert Run(root / "train-quality" / next(p.name for p in (root / "train-quality").iterdir()
+                                             if p.name.startswith("q-64"))).meta["created"] > Run(fits).meta["created"]
+    cfg = load_config(sets=[f"runs_root={root}", "data.image_size=32", "ssl.method=mt", "ssl.qw=true"],
+                      cwd=tmp_path).config
+    assert find_quality(cfg) == str(fits)
+    assert str(find_quality_run([root], 32).path) == str(fits)
+
+
+def test_ssl_without_a_fitting_g_names_what_needs_it_not_a_quality_option(synth_data, tmp_path):
+    _quality_run(tmp_path / "runs" / "train-quality", 64)
+    res = cli("ssl", "--method", "mt", "--qw", "--labeled", synth_data / "labeled", "--unlabeled",
+              synth_data / "unlabeled", *sets(SSL), *common(tmp_path))
+    assert res.exit_code == 2
+    line = one_error_line(res.stderr)
+    assert line.startswith("qgseg: error: --qw:") and "64 px" in line and "32 px" in line
+    assert not (tmp_path / "runs" / "ssl").exists()
+
+
+def test_evaluate_of_an_ssl_run_uses_the_g_it_was_trained_with(quality_ref, ssl_ref, tmp_path):
+    run = _copy_run(ssl_ref, tmp_path / "s")
+    _copy_run(quality_ref, tmp_path / "runs" / "train-quality" / "newer", newer=True)
+    res = cli("evaluate", run, *common(tmp_path), "--json")
+    summary = ok(res)
+    assert summary["quality_run"] == str(quality_ref)
