@@ -91,12 +91,17 @@ class Ctx:
 
 
 def _setup(preset: str | None, config: Path | None, sets: list[str] | None, options: dict[str, Any],
-           json_out: bool, quiet: bool, debug: bool) -> Ctx:
+           json_out: bool, quiet: bool, debug: bool, stage: str | None = None) -> Ctx:
+    """Resolve the configuration and, for a new run of ``stage``, check its data paths (no torch yet)."""
     from qgseg.config import load_config
     from qgseg.report import setup_logging
 
     setup_logging(quiet=quiet or json_out and not sys.stderr.isatty(), debug=debug)
     loaded = load_config(preset=preset, config_file=config, options=options, sets=sets or [])
+    if stage:
+        from qgseg.checks import preflight
+
+        preflight(stage, loaded)
     return Ctx(loaded, json_out, quiet, debug)
 
 
@@ -264,13 +269,13 @@ def ssl(
     debug: DebugOpt = False, resume: ResumeOpt = False,
 ) -> None:
     """Phase 2: train a segmenter on labeled + unlabeled images (optionally guided by g), test it."""
-    from qgseg.report import Reporter, kv_table, mean_se_str
-    from qgseg.ssl import run_ssl
-
     opts = config_options(locals())
     if arch is not None and encoder is None:
         opts["model.encoder"] = ""  # --arch alone: that architecture's default encoder
-    ctx = _setup(preset, config, sets, opts, json_out, quiet, debug)
+    ctx = _setup(preset, config, sets, opts, json_out, quiet, debug, stage=None if resume else "ssl")
+    from qgseg.report import Reporter, kv_table, mean_se_str  # after the checks: errors answer without torch
+    from qgseg.ssl import run_ssl
+
     run, summary = run_ssl(ctx.loaded, out=out, resume=resume, reporter=Reporter(quiet=quiet))
 
     def render():
@@ -314,14 +319,16 @@ def corrupt(
     image_size: SizeOpt = None,
     config: ConfigOpt = None, preset: PresetOpt = None, sets: SetOpt = None, out: OutOpt = None,
     seed: SeedOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
+    resume: ResumeOpt = False,
 ) -> None:
     """Materialise D_Q: K corrupted masks per training image with their Dice (plus val/test sets)."""
     from qgseg.report import rows_table
 
-    ctx = _setup(preset, config, sets, config_options(locals()), json_out, quiet, debug)
+    ctx = _setup(preset, config, sets, config_options(locals()), json_out, quiet, debug,
+                 stage=None if resume else "corrupt")
     from qgseg.corrupt import run_corrupt  # after the config check: config errors answer without torch
 
-    run, summary = run_corrupt(ctx.loaded, out=out)
+    run, summary = run_corrupt(ctx.loaded, out=out, resume=resume)  # a resumed corrupt run is redone (seeded)
 
     def render():
         from rich.console import Group
@@ -351,7 +358,7 @@ def train_weak(
     opts = config_options(locals())
     if epochs_at is not None:
         opts.update(parse_set([f"weak.epochs_at={epochs_at}"]))
-    ctx = _setup(preset, config, sets, opts, json_out, quiet, debug)
+    ctx = _setup(preset, config, sets, opts, json_out, quiet, debug, stage=None if resume else "train-weak")
     from qgseg.weak import run_train_weak
 
     run, summary = run_train_weak(ctx.loaded, out=out, resume=resume, reporter=Reporter(quiet=quiet))
@@ -379,7 +386,8 @@ def train_quality(
     """Train the quality predictor g(image, mask) ~ Dice and test its grounding in the image."""
     from qgseg.report import Reporter
 
-    ctx = _setup(preset, config, sets, config_options(locals()), json_out, quiet, debug)
+    ctx = _setup(preset, config, sets, config_options(locals()), json_out, quiet, debug,
+                 stage=None if resume else "train-quality")
     from qgseg.train_quality import run_train_quality
 
     run, summary = run_train_quality(ctx.loaded, out=out, resume=resume, reporter=Reporter(quiet=quiet))
@@ -402,10 +410,10 @@ def evaluate(
     json_out: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Evaluate a stored run into RUN/eval/<split or data set>/: per-case metrics, summary, plots."""
-    from qgseg.evaluate import run_evaluate
+    ctx = _setup(preset, config, sets, config_options(locals()), json_out, quiet, debug)
+    from qgseg.evaluate import run_evaluate  # after the config check: errors answer without torch
     from qgseg.report import kv_table, mean_se_str
 
-    ctx = _setup(preset, config, sets, config_options(locals()), json_out, quiet, debug)
     out, summary = run_evaluate(ctx.loaded, run, data_dir=data, split=split, checkpoint=checkpoint, quality=quality_run)
 
     def render():
@@ -448,11 +456,11 @@ def ablate(
     debug: DebugOpt = False,
 ) -> None:
     """Sweep one setting over values x seeds (resumable, parallel, or as cluster commands); tabulate."""
-    from qgseg.ablate import render as render_table
+    ctx = _setup(preset, config, sets, config_options(locals()), json_out, quiet, debug)
+    from qgseg.ablate import render as render_table  # after the config check: errors answer without torch
     from qgseg.ablate import run_ablate
     from qgseg.report import Reporter
 
-    ctx = _setup(preset, config, sets, config_options(locals()), json_out, quiet, debug)
     try:
         res = run_ablate(ctx.loaded, name, values=values, seeds=seeds, jobs=jobs, out=out, quality=quality_run,
                          print_commands=print_commands, reporter=Reporter(quiet=quiet))

@@ -751,3 +751,54 @@ def test_evaluate_of_an_ssl_run_uses_the_g_it_was_trained_with(quality_ref, ssl_
     res = cli("evaluate", run, *common(tmp_path), "--json")
     summary = ok(res)
     assert summary["quality_run"] == str(quality_ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. no run folder for a failed usage check, answered before torch loads; corrupt --resume
+# ---------------------------------------------------------------------------------------------
+_NO_TORCH = """
+import sys, time
+t0 = time.time()
+from qgseg.cli import main
+sys.argv = ["qgseg"] + sys.argv[1:]
+try:
+    main()
+except SystemExit as e:
+    code = e.code
+print("torch" in sys.modules, code, round(time.time() - t0, 2), file=sys.stdout)
+"""
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["ssl", "--method", "nope"], "ssl.method"),
+    (["ssl", "--labeled", "{root}/nope"], "--labeled {root}/nope: folder not found"),
+    (["train-quality", "--labeled", "{root}/nope"], "--labeled {root}/nope: folder not found"),
+    (["ssl", "--method", "mt", "--labeled", "{root}"], "--unlabeled: no unlabeled data folder given"),
+])
+def test_usage_errors_answer_before_torch_loads_and_leave_no_run(tmp_path, args, expected):
+    args = [a.format(root=tmp_path) for a in args]
+    t0 = time.time()
+    res = subprocess.run([sys.executable, "-c", _NO_TORCH, *args, *common(tmp_path)], cwd=tmp_path,
+                         env=env(tmp_path), capture_output=True, text=True, timeout=120)
+    seconds = time.time() - t0
+    torch_loaded, code, _ = res.stdout.split()
+    assert code == "2", res.stderr
+    assert expected.format(root=tmp_path) in one_error_line(res.stderr)
+    assert torch_loaded == "False"  # what made errors take 7-12 s
+    assert seconds < 10, seconds  # < 2 s on an idle machine (docs/reliability.md); generous under load
+    assert not (tmp_path / "runs").exists()
+
+
+def test_corrupt_resume_redoes_an_interrupted_run(synth_data, tmp_path):
+    args = ["corrupt", "--labeled", synth_data / "labeled", *sets(QUALITY), *common(tmp_path)]
+    ref = ok(cli(*args, "--out", tmp_path / "ref", "--json"))
+    run = tmp_path / "c"
+    ok(cli(*args, "--out", run, "--json"))
+    (run / "summary.json").unlink()
+    (run / "dq_test.npz").unlink()  # cut short before the end
+    Run(run).set_status("interrupted")
+    res = cli(*args, "--out", run)
+    assert res.exit_code == 2 and "--resume" in one_error_line(res.stderr)  # the advice given ...
+    summary = ok(cli("corrupt", "--resume", "--out", run, "--json"))  # ... works
+    assert stable(summary) == stable(ref) and (run / "dq_test.npz").is_file()
+    assert Run(run).status == "completed"

@@ -1,0 +1,46 @@
+"""Checks on arguments, configuration and data paths that need no torch.
+
+The CLI runs them right after the configuration is resolved, before a stage module (and torch)
+is imported and before a run directory is made, so that a wrong option answers in about a
+second and leaves nothing behind (docs/reliability.md).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from qgseg.errors import InputError
+
+# methods with a loss on unlabeled images (every one but sup); QAR needs them too
+_NO_UNLABELED = ("sup",)
+
+
+def _name(loaded: Any, key: str, option: str) -> str:
+    """How to name a config key in an error: the option when it came from one, else the key and its source."""
+    source = getattr(loaded, "explicit", {}).get(key, "")
+    if source == "option":
+        return option
+    return f"{key} ({source})" if source else key
+
+
+def _folder(loaded: Any, key: str, option: str, value: str, what: str) -> None:
+    if not value:
+        raise InputError(f"{option}: no {what} folder given (or set {key} in qgseg.toml)")
+    p = Path(value).expanduser()
+    if not p.exists():
+        raise InputError(f"{_name(loaded, key, option)} {value}: folder not found")
+    if not p.is_dir():
+        raise InputError(f"{_name(loaded, key, option)} {value}: not a folder")
+
+
+def needs_unlabeled(cfg: Any) -> bool:
+    return cfg.ssl.method not in _NO_UNLABELED or cfg.ssl.qar_weight > 0
+
+
+def preflight(stage: str, loaded: Any) -> None:
+    """Data folders each stage reads must exist (a new run; --resume uses the run's saved config)."""
+    cfg = loaded.config
+    if stage in ("ssl", "train-weak", "train-quality", "corrupt", "ablate"):
+        _folder(loaded, "data.labeled", "--labeled", cfg.data.labeled, "labeled data")
+    if stage == "ssl" and needs_unlabeled(cfg) or stage == "ablate" and cfg.data.unlabeled:
+        _folder(loaded, "data.unlabeled", "--unlabeled", cfg.data.unlabeled, "unlabeled data")
