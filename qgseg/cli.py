@@ -212,12 +212,19 @@ def inspect(
     debug: DebugOpt = False,
 ) -> None:
     """Show what a labeled data set holds: layout, pairs, sizes, mask coverage, problems."""
-    from qgseg.data import describe, scan_labeled
+    from qgseg.data import MIN_PAIRS, describe, discover_labeled, scan_labeled
     from qgseg.report import kv_table, setup_logging, stdout_console
 
     setup_logging(quiet, debug)
     data, problems = scan_labeled(folder, 64 if image_size is None else image_size)
-    result: dict[str, Any] = describe(data) if data is not None else {"root": str(folder), "pairs": 0}
+    if data is not None:
+        result: dict[str, Any] = describe(data)
+        if len(data) < MIN_PAIRS:  # what every training command refuses
+            problems.append(f"{folder}: {len(data)} labeled pairs; at least {MIN_PAIRS} are needed for "
+                            "train/val/test splits")
+    else:  # some files are unreadable: still say what was found
+        layout, pairs, _ = discover_labeled(folder)
+        result = {"root": str(folder), "layout": layout, "pairs": len(pairs)}
     result["usable"] = not problems
     result["problems"] = problems
     if json_out:

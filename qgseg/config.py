@@ -343,8 +343,13 @@ def merge(base: dict[str, Any], flat: Mapping[str, Any], source: str) -> dict[st
     return out
 
 
-def build_config(tree: Mapping[str, Any], source: str = "configuration") -> Config:
-    """Construct and range-check a Config from a complete nested dict."""
+def build_config(tree: Mapping[str, Any], source: str = "configuration",
+                 sources: Mapping[str, str] | None = None) -> Config:
+    """Construct and range-check a Config from a complete nested dict.
+
+    An out-of-range value is reported with the source that set it (``sources``: dotted key ->
+    source label, e.g. "--set" or "config file X"), else with ``source``.
+    """
     for dotted, (ok, expected) in _CHECKS.items():
         if "." in dotted:
             sec, key = dotted.split(".", 1)
@@ -353,7 +358,9 @@ def build_config(tree: Mapping[str, Any], source: str = "configuration") -> Conf
             value = tree[dotted]
         if not ok(value):
             expected = expected() if callable(expected) else expected
-            raise InputError(f"{source}: {dotted} = {value!r} is out of range; expected {expected}")
+            where = (sources or {}).get(dotted) or source
+            where = "command-line option" if where == "option" else where
+            raise InputError(f"{where}: {dotted} = {value!r} is out of range; expected {expected}")
     sections = {}
     for sec, cls in _SECTION_CLASSES.items():
         vals = {k: (tuple(v) if isinstance(v, list) else v) for k, v in tree[sec].items()}
@@ -363,7 +370,7 @@ def build_config(tree: Mapping[str, Any], source: str = "configuration") -> Conf
 
 def read_toml(path: Path, what: str = "config file") -> dict[str, Any]:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not TOML
     except FileNotFoundError:
         raise InputError(f"{what} {path}: file not found") from None
     except OSError as e:
@@ -468,7 +475,7 @@ def load_config(
         for k in flat:
             explicit[k] = source
     _apply_method_defaults(tree, explicit)  # e.g. method qar brings lambda_qar = 0.01 unless set
-    cfg = build_config(tree, source=_describe(explicit))
+    cfg = build_config(tree, source=_describe(explicit), sources=explicit)
     _check_method_keys(cfg, explicit)
     return Loaded(cfg, explicit, used_file)
 

@@ -360,13 +360,17 @@ def load_unlabeled(root: Path | str, image_size: int, cache_dir: str = "", limit
 # ----------------------------------------------------------------------------------------
 # splits
 # ----------------------------------------------------------------------------------------
+MIN_PAIRS = 3  # one case each for train, val and test: every training command needs at least this many
+
+
 def make_splits(stems: Sequence[str], seed: int, root: Path | str | None = None) -> dict[str, list[str]]:
     """70:10:20 train/val/test, deterministic from ``seed``; ``root/splits.csv`` overrides."""
     if root is not None and (Path(root) / "splits.csv").is_file():
         return read_splits_csv(Path(root) / "splits.csv", stems)
     n = len(stems)
-    if n < 3:
-        raise InputError(f"{root or 'data'}: {n} labeled pairs; at least 3 are needed for train/val/test splits")
+    if n < MIN_PAIRS:
+        raise InputError(f"{root or 'data'}: {n} labeled pairs; at least {MIN_PAIRS} are needed for train/val/test "
+                         "splits")
     order = np.random.default_rng(seed).permutation(n)
     by_name = sorted(stems)
     ordered = [by_name[i] for i in order]

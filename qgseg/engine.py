@@ -15,6 +15,7 @@ import contextlib
 import io
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from qgseg import distributed
-from qgseg.errors import InputError, QgsegError, TrainingDiverged
+from qgseg.errors import CheckpointDamaged, InputError, QgsegError, ResumeRefused, TrainingDiverged
 from qgseg.report import Reporter
 from qgseg.runs import Run, atomic_write_bytes, atomic_write_text
 
@@ -151,9 +152,15 @@ def load_checkpoint(path: Path | str, what: str = "checkpoint") -> dict[str, Any
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{what} {path}: refused or unreadable ({first[:200]}); only tensors and "
-                         "plain values are loaded (weights_only=True)") from None
+        text = " ".join(str(e).split()) or type(e).__name__
+        if "weights_only" in text or "Weights only load failed" in text:  # it holds code or other objects
+            first = text.split(" In PyTorch 2.6", 1)[0].split(" Re-running `torch.load`", 1)[0]
+            raise InputError(f"{what} {path}: refused: it holds more than tensors and plain values ({first}); "
+                             "only those are loaded (weights_only=True)") from None
+        # a truncated or overwritten file: say so, with torch's whole first sentence
+        first = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
+        raise CheckpointDamaged(f"{what} {path}: damaged or incomplete file ({type(e).__name__}: {first}), "
+                                f"e.g. cut short by a full disk or a copy that did not finish") from None
 
 
 def module_specs(modules: dict[str, nn.Module]) -> dict[str, dict]:
@@ -282,7 +289,11 @@ class Engine:
     def fit(self, resume: bool = False) -> FitResult:
         last = self.run.checkpoints / "last.pt"
         if resume and last.is_file():
-            self._restore(load_checkpoint(last, "resume checkpoint"), str(last))
+            try:
+                ck = load_checkpoint(last, "resume checkpoint")
+            except CheckpointDamaged as e:
+                raise ResumeRefused(f"{e}; cannot resume from it. {self._best_note()}") from None
+            self._restore(ck, str(last))
             # metrics.csv may hold rows of an epoch that was killed before its last.pt: the
             # checkpoint's history is the truth
             self.write_metrics()
@@ -337,6 +348,16 @@ class Engine:
             self.save_best()
         return FitResult(self.best_epoch, self.best, self.epoch, stopped_early, self.history,
                          time.time() - t0)
+
+    def _best_note(self) -> str:
+        """What is still there when last.pt cannot be used: best.pt (weights only) and its epoch."""
+        best = self.run.checkpoints / "best.pt"
+        try:
+            ck = load_checkpoint(best, "best checkpoint")
+        except InputError:
+            return "There is no readable best.pt either; start a new run"
+        return (f"{best} (epoch {ck.get('epoch', '?')}) is intact: `qgseg evaluate {self.run.path}` uses it; to "
+                "train further start a new run")
 
     def _check_finite(self, epoch: int) -> None:
         """Refuse to checkpoint non-finite weights: the loss of an epoch's last step can be finite

@@ -24,3 +24,7 @@ class ResumeRefused(InputError):
     """A resume refused before anything changed (exit 2): the run keeps the status it had."""
 
     keep_status = True
+
+
+class CheckpointDamaged(InputError):
+    """A checkpoint file that is truncated or otherwise not a readable torch file (exit 2)."""

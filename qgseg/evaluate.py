@@ -155,15 +155,23 @@ def run_evaluate(loaded: Any, run_dir: str | Path, data_dir: str | Path | None =
     device = resolve_device(loaded.config.device)
     data, rows, name = _eval_data(run_path, rcfg, data_dir, split, loaded.config.data.cache_dir)
     out_dir = run_path / "eval" / name
+    made = [p for p in (run_path / "eval", out_dir) if not p.exists()]  # removed again if evaluation fails
     out_dir.mkdir(parents=True, exist_ok=True)
     base: dict[str, Any] = {"run": str(run_path), "stage": stage, "dataset": name, "data": str(data.root),
                             "split": None if data_dir else split, "image_size": rcfg.data.image_size,
                             "out": str(out_dir)}
-    if stage == "train-quality":
-        summary = _evaluate_quality(run, rcfg, data, rows, bool(data_dir), split, checkpoint, device, out_dir)
-    else:
-        roots = _quality_roots(loaded.config.runs_root, run_path)
-        summary = _evaluate_segmentation(run, stage, data, rows, checkpoint, quality, roots, device, out_dir)
+    try:
+        if stage == "train-quality":
+            summary = _evaluate_quality(run, rcfg, data, rows, bool(data_dir), split, checkpoint, device, out_dir)
+        else:
+            roots = _quality_roots(loaded.config.runs_root, run_path)
+            summary = _evaluate_segmentation(run, stage, data, rows, checkpoint, quality, roots, device, out_dir)
+    except BaseException:
+        import shutil
+
+        for p in reversed(made):  # no empty or half-written eval folder that looks like a result
+            shutil.rmtree(p, ignore_errors=True)
+        raise
     key = ("mae", "pearson") if stage == "train-quality" else ("dsc",)
     reasons = summary.pop("_reasons", None)
     summary = finish_summary({**base, **summary}, key, reasons)

@@ -802,3 +802,80 @@ def test_corrupt_resume_redoes_an_interrupted_run(synth_data, tmp_path):
     summary = ok(cli("corrupt", "--resume", "--out", run, "--json"))  # ... works
     assert stable(summary) == stable(ref) and (run / "dq_test.npz").is_file()
     assert Run(run).status == "completed"
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. unclear or wrong answers (issue 17, list item 5)
+# ---------------------------------------------------------------------------------------------
+def test_truncated_last_pt_says_damaged_keeps_status_and_points_to_best_pt(quality_ref, tmp_path):
+    run = _copy_run(quality_ref, tmp_path / "q")
+    (run / "summary.json").unlink()
+    Run(run).set_status("interrupted")
+    last = run / "checkpoints" / "last.pt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    res = cli("train-quality", "--resume", "--out", run)
+    assert res.exit_code == 2
+    line = one_error_line(res.stderr)
+    assert "damaged or incomplete" in line and "last.pt" in line and "weights_only" not in line
+    assert "best.pt (epoch" in line and "is intact" in line
+    assert line.rstrip().endswith("start a new run")  # not cut mid-sentence
+    assert Run(run).status == "interrupted"  # still what it was: nothing was changed
+
+
+def test_read_only_out_is_exit_2_naming_it(synth_data, tmp_path, monkeypatch):
+    real_mkdir = Path.mkdir
+    locked = tmp_path / "readonly"
+
+    def mkdir(self, *a, **k):
+        if str(self).startswith(str(locked)):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    res = cli(*quality_args(synth_data, tmp_path), "--out", locked / "q")
+    assert res.exit_code == 2, res.stderr
+    line = one_error_line(res.stderr)
+    assert f"--out {locked / 'q'}" in line and "Permission denied" in line
+
+
+def test_inspect_is_not_usable_with_fewer_pairs_than_training_needs(tiny_labeled):
+    res = cli("inspect", tiny_labeled(2), "--json")
+    assert res.exit_code == 2
+    doc = json.loads(res.stdout)
+    assert doc["usable"] is False and doc["pairs"] == 2 and "at least 3" in doc["problems"][0]
+
+
+def test_inspect_with_one_broken_file_still_shows_layout_and_pairs(tiny_labeled):
+    root = tiny_labeled(6)
+    (root / "images" / "case03.png").write_bytes(b"not a png")
+    res = cli("inspect", root, "--json")
+    assert res.exit_code == 2
+    doc = json.loads(res.stdout)
+    assert doc["pairs"] == 6 and doc["layout"] == "images/masks" and doc["usable"] is False
+    assert "case03.png" in doc["problems"][0]
+
+
+def test_evaluate_with_a_broken_best_pt_leaves_no_eval_folder(ssl_ref, tmp_path):
+    run = _copy_run(ssl_ref, tmp_path / "s")
+    best = run / "checkpoints" / "best.pt"
+    best.write_bytes(best.read_bytes()[:1000])
+    res = cli("evaluate", run, *common(tmp_path))
+    assert res.exit_code == 2
+    assert "damaged or incomplete" in one_error_line(res.stderr)
+    assert not (run / "eval").exists()
+
+
+def test_toml_with_a_byte_order_mark_is_read(tmp_path):
+    f = tmp_path / "run.toml"
+    f.write_bytes("\ufeff[train]\nepochs = 7\n".encode("utf-8"))
+    assert load_config(config_file=f, cwd=tmp_path).config.train.epochs == 7
+
+
+@pytest.mark.parametrize("args, source", [
+    (["--method", "mt", "--set", "train.epochs=0"], "--set: train.epochs = 0"),
+    (["--epochs", "0"], "command-line option: train.epochs = 0"),
+])
+def test_out_of_range_value_names_its_source(tmp_path, args, source):
+    res = cli("ssl", *args, *common(tmp_path))
+    assert res.exit_code == 2
+    assert source in one_error_line(res.stderr)
