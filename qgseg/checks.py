@@ -13,6 +13,8 @@ from qgseg.errors import InputError
 
 # methods with a loss on unlabeled images (every one but sup); QAR needs them too
 _NO_UNLABELED = ("sup",)
+# methods without a lambda-weighted unlabeled loss (qar's only unlabeled term is QAR itself)
+_NO_UNLABELED_LOSS = ("sup", "qar")
 
 
 def _name(loaded: Any, key: str, option: str) -> str:
@@ -44,3 +46,17 @@ def preflight(stage: str, loaded: Any) -> None:
         _folder(loaded, "data.labeled", "--labeled", cfg.data.labeled, "labeled data")
     if stage == "ssl" and needs_unlabeled(cfg) or stage == "ablate" and cfg.data.unlabeled:
         _folder(loaded, "data.unlabeled", "--unlabeled", cfg.data.unlabeled, "unlabeled data")
+
+
+def schedule_warnings(cfg: Any) -> list[str]:
+    """Schedules that never reach a term the method is chosen for (ssl.warmup vs train.epochs)."""
+    out = []
+    s, epochs = cfg.ssl, cfg.train.epochs
+    if s.method not in _NO_UNLABELED_LOSS and s.lambda_final > 0 and epochs <= s.warmup:
+        out.append(f"ssl.warmup = {s.warmup} >= train.epochs = {epochs}: the unlabeled term of {s.method} never "
+                   f"switches on, so this run trains like sup; set ssl.warmup below train.epochs (e.g. --set "
+                   f"ssl.warmup={epochs // 4}) or train longer")
+    if s.qar_weight > 0 and epochs <= s.qar_warmup:
+        out.append(f"ssl.qar_warmup = {s.qar_warmup} >= train.epochs = {epochs}: the QAR term never switches on; "
+                   f"set ssl.qar_warmup below train.epochs (e.g. --set ssl.qar_warmup={epochs // 4}) or train longer")
+    return out

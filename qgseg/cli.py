@@ -289,7 +289,9 @@ def ssl(
         s = summary
         shown: dict[str, Any] = {
             "method": s["method"] + (" + QW" if s["qw"] else "") + (f" + QAR {s['qar_weight']:g}"
-                                                                      if s["qar_weight"] and s["method"] != "qar" else ""),
+                                                                      if s["qar_weight"] and s["method"] != "qar" else "")
+            + (" (unlabeled term never on: trained like sup)" if s["method"] not in ("sup", "qar")
+               and s.get("unlabeled_term_epochs") == 0 else ""),
             "model": f"{s['arch']}{' / ' + s['encoder'] if s['encoder'] else ''} ({s['parameters'] / 1e6:.2f}M parameters)",
             "test DSC": mean_se_str(s.get("test_dsc"), s.get("test_dsc_se") or 0.0),
             "test IoU": mean_se_str(s.get("test_iou"), s.get("test_iou_se") or 0.0),
@@ -334,8 +336,10 @@ def corrupt(
     ctx = _setup(preset, config, sets, config_options(locals()), json_out, quiet, debug,
                  stage=None if resume else "corrupt")
     from qgseg.corrupt import run_corrupt  # after the config check: config errors answer without torch
+    from qgseg.report import Reporter
 
-    run, summary = run_corrupt(ctx.loaded, out=out, resume=resume)  # a resumed corrupt run is redone (seeded)
+    # a resumed corrupt run is redone (it is seeded)
+    run, summary = run_corrupt(ctx.loaded, out=out, resume=resume, reporter=Reporter(quiet=quiet))
 
     def render():
         from rich.console import Group

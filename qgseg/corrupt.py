@@ -842,7 +842,8 @@ def _sample_rngs(seed: int, cases: np.ndarray, k: int) -> list[np.random.Generat
 
 
 def corrupt_dataset(masks: np.ndarray, k: int, seed: int, weak: np.ndarray | None = None,
-                    p_weak: float = 0.05, workers: int = 1, block: int = 64) -> CorruptedSet:
+                    p_weak: float = 0.05, workers: int = 1, block: int = 64,
+                    progress: Callable[[int], None] | None = None) -> CorruptedSet:
     """K corrupted masks per input mask.
 
     Sample j of case i uses its own rng ``np.random.default_rng([seed, i, j])`` (made in bulk by
@@ -850,7 +851,8 @@ def corrupt_dataset(masks: np.ndarray, k: int, seed: int, weak: np.ndarray | Non
     cases are corrupted in blocks of `block` cases, in this process (``workers`` <= 1) or in
     `workers` spawned processes. ``weak``: optional (C,N,H,W) uint8 predictions of C weak-model
     checkpoints; with probability ``p_weak`` a sample is instead the prediction of a uniformly
-    chosen checkpoint (category "weak", ops "weak_ckpt<c>").
+    chosen checkpoint (category "weak", ops "weak_ckpt<c>"). ``progress(n)`` is called after each
+    block with its number of masks.
     """
     if k < 1:
         raise InputError(f"corrupt.k: expected a positive integer, got {k}")
@@ -872,9 +874,17 @@ def corrupt_dataset(masks: np.ndarray, k: int, seed: int, weak: np.ndarray | Non
         # spawn, not fork: the caller may hold torch / OpenMP threads that a forked child inherits broken
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_init_worker, initargs=(cor.masks, weak)) as pool:
-            parts = list(pool.map(_worker_block, jobs))
+            parts = []
+            for part in pool.map(_worker_block, jobs):
+                parts.append(part)
+                if progress is not None:
+                    progress(len(part[1]))  # masks of one block done
     else:
-        parts = [_corrupt_block(cor, weak, *job) for job in jobs]
+        parts = []
+        for job in jobs:
+            parts.append(_corrupt_block(cor, weak, *job))
+            if progress is not None:
+                progress(len(parts[-1][1]))
     return CorruptedSet(case=np.repeat(np.arange(n, dtype=np.int32), k),
                         masks=np.concatenate([p[0] for p in parts]) if parts else np.empty((0, h, w), np.uint8),
                         dice=np.concatenate([p[1] for p in parts]) if parts else np.empty(0, np.float32),
@@ -975,13 +985,18 @@ def eval_seed(salt: int, split_seed: int) -> int:
 
 
 def build_dq(cfg: Config, data: LabeledData, splits: dict[str, list[str]],
-             weak: np.ndarray | None) -> dict[str, CorruptedSet]:
+             weak: np.ndarray | None, reporter: Reporter | None = None) -> dict[str, CorruptedSet]:
     """Corrupted sets for train (K per image, seed = cfg.seed) and val / test (eval_k per image,
-    seeds fixed by data.split_seed)."""
+    seeds fixed by data.split_seed). ``reporter``: one progress bar over all masks of the three splits."""
     from qgseg.data import positions
 
     pos = positions(data.stems)
     out = {}
+    advance = None
+    if reporter is not None:
+        total = cfg.corrupt.k * len(splits["train"]) + cfg.corrupt.eval_k * (len(splits["val"]) + len(splits["test"]))
+        reporter.start("corrupt", total, unit="masks to draw")
+        advance = reporter.advance
     for split in ("train", "val", "test"):
         idx = np.array([pos[s] for s in splits[split]])
         if split == "train":
@@ -989,7 +1004,7 @@ def build_dq(cfg: Config, data: LabeledData, splits: dict[str, list[str]],
         else:
             k, seed = cfg.corrupt.eval_k, eval_seed(SPLIT_SALT[split], cfg.data.split_seed)
         w = weak[:, idx] if weak is not None else None
-        out[split] = corrupt_dataset(data.masks[idx], k, seed, weak=w, p_weak=cfg.corrupt.p_weak)
+        out[split] = corrupt_dataset(data.masks[idx], k, seed, weak=w, p_weak=cfg.corrupt.p_weak, progress=advance)
     return out
 
 
@@ -1042,6 +1057,7 @@ def run_corrupt(loaded, out: Path | str | None = None, resume: bool = False,
 
     from qgseg import data as D
     from qgseg import plots
+    from qgseg.report import Reporter
     from qgseg.runs import start_run
     from qgseg.weak import weak_predictions
 
@@ -1049,7 +1065,8 @@ def run_corrupt(loaded, out: Path | str | None = None, resume: bool = False,
     with run.guard():
         data, splits = labeled_and_splits(cfg, run)
         weak, weak_run = weak_predictions(cfg, data, "weak.run" in loaded.explicit)
-        sets = build_dq(cfg, data, splits, weak)
+        with (reporter or Reporter(enabled=False)) as rep:
+            sets = build_dq(cfg, data, splits, weak, rep)
         frames = []
         for split, cs in sets.items():
             save_set(cs, run.path / f"dq_{split}.npz")
@@ -1058,9 +1075,11 @@ def run_corrupt(loaded, out: Path | str | None = None, resume: bool = False,
             frames.append(f)
         pd.concat(frames).to_csv(run.path / "index.csv", index=False)
         tr = sets["train"]
-        first = D.positions(data.stems)[splits["train"][0]]
-        plots.corruption_examples(data.images[first], data.masks[first], _one_case(tr, 0),
-                                  run.plots / "examples.png")
+        pos = D.positions(data.stems)
+        rows = np.array([pos[s] for s in splits["train"]])
+        # several cases in every row, one row per category (also those this draw did not produce)
+        plots.corruption_examples(data.images[rows], data.masks[rows], tr, run.plots / "examples.png",
+                                  categories=list(CATEGORIES) + (["weak"] if weak is not None else []))
         plots.dice_histogram(tr.dice, run.plots / "dice_hist.png", by_category=tr.category)
         summary = {"run": str(run.path), "stage": "corrupt", "image_size": cfg.data.image_size,
                    "k": cfg.corrupt.k, "weak_run": weak_run, **dq_summary(tr)}
@@ -1068,8 +1087,3 @@ def run_corrupt(loaded, out: Path | str | None = None, resume: bool = False,
         run.set_status("completed")
     return run, summary
 
-
-def _one_case(cs: CorruptedSet, case: int) -> CorruptedSet:
-    sel = np.nonzero(cs.case == case)[0]
-    return CorruptedSet(cs.case[sel], cs.masks[sel], cs.dice[sel], [cs.category[i] for i in sel],
-                        [cs.ops[i] for i in sel])

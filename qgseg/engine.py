@@ -271,6 +271,18 @@ class Engine:
             "value": float(self.best), "modules": {k: m.state_dict() for k, m in mods.items()},
             "specs": module_specs(mods)})
 
+    def plot_curves(self) -> None:
+        """plots/learning_curves.png from the metrics history (best effort: a plot never fails a run)."""
+        if not self.is_main or not self.history:
+            return
+        try:
+            from qgseg import plots
+
+            plots.learning_curves(self.history, self.run.plots / "learning_curves.png",
+                                  title=f"{self.run.stage or 'run'} {self.run.path.name}")
+        except Exception as e:  # noqa: BLE001
+            log.warning("%s: learning curves not drawn (%s)", self.run.path, e)
+
     def write_metrics(self) -> None:
         if not self.is_main:
             return
@@ -308,7 +320,8 @@ class Engine:
         t0 = time.time()
         stopped_early = self.bad_epochs >= self.s.patience
         total_steps = self.s.epochs * self.task.steps_per_epoch()
-        self.reporter.start(self.run.stage or "train", total_steps, completed=self.epoch * self.task.steps_per_epoch())
+        self.reporter.start(self.run.stage or "train", total_steps, completed=self.epoch * self.task.steps_per_epoch(),
+                            epochs=self.s.epochs)
         while self.epoch < self.s.epochs and not stopped_early:
             epoch = self.epoch + 1
             row = distributed.mean_over_processes(self._train_epoch(epoch))
@@ -336,8 +349,9 @@ class Engine:
             self.history.append(row)
             self.save_last()
             self.write_metrics()
+            # a term that is not on (NaN: e.g. the unlabeled loss during the warm-up) is left out
             shown = ", ".join(f"{k} {v:.4f}" for k, v in row.items()
-                              if k not in ("epoch", "seconds", "lr") and isinstance(v, float))
+                              if k not in ("epoch", "seconds", "lr") and isinstance(v, float) and math.isfinite(v))
             self.reporter.note(f"epoch {epoch}/{self.s.epochs}: {shown}")
             self.run.log(f"epoch {epoch}: {shown}")
             stopped_early = self.bad_epochs >= self.s.patience
@@ -346,6 +360,7 @@ class Engine:
         if self.best_epoch == 0:
             # nothing improved (e.g. all NaN evaluations): keep the final weights as best
             self.save_best()
+        self.plot_curves()
         return FitResult(self.best_epoch, self.best, self.epoch, stopped_early, self.history,
                          time.time() - t0)
 

@@ -8,6 +8,7 @@ import cv2
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -50,7 +51,7 @@ def _overlay(image: np.ndarray | None, gt: np.ndarray, mask: np.ndarray, scale: 
 
 
 def corruption_examples(image_or_none: np.ndarray | None, gt: np.ndarray, cs: CorruptedSet, path: Path,
-                        per_category: int = 4) -> Path:
+                        per_category: int = 4, categories: list[str] | None = None) -> Path:
     """Contact sheet of corrupted masks, one row per category, up to `per_category` columns.
 
     ``gt`` is either one (H,W) ground truth used for every sample or the (N,H,W) ground truths
@@ -60,7 +61,7 @@ def corruption_examples(image_or_none: np.ndarray | None, gt: np.ndarray, cs: Co
     """
     gt = np.asarray(gt)
     image = None if image_or_none is None else np.asarray(image_or_none)
-    cats = _ordered_categories(list(cs.category))
+    cats = _ordered_categories(list(cs.category) + list(categories or []))
     cat_arr = np.asarray(cs.category)
     n_rows, n_cols = max(1, len(cats)), max(1, per_category)
     h, w = cs.masks.shape[1:]
@@ -75,6 +76,9 @@ def corruption_examples(image_or_none: np.ndarray | None, gt: np.ndarray, cs: Co
         ax.axis("off")
     for r, cat in enumerate(cats):
         idx = np.flatnonzero(cat_arr == cat)
+        if not len(idx):  # a category the draw did not produce: say so instead of leaving the row out
+            axes[r, 0].text(0.5, 0.5, "none drawn", transform=axes[r, 0].transAxes, ha="center", va="center",
+                            fontsize=8, color="grey")
         idx = idx[np.argsort(cs.dice[idx], kind="stable")]
         pick = idx[np.unique(np.linspace(0, len(idx) - 1, min(n_cols, len(idx))).round().astype(int))]
         for c, m in enumerate(pick):
@@ -229,5 +233,62 @@ def grounding_scatter(true: np.ndarray, pred: np.ndarray, pred_shuffled: np.ndar
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("predicted quality g")
     fig.suptitle("Grounding check: does g use the image?", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# metrics.csv columns by panel of the learning curves; anything else numeric goes to "other"
+_CURVE_PANELS = (
+    ("training losses", ("loss", "total", "sup", "unsup", "qar", "cls", "cons", "contrast")),
+    ("validation", ("val_",)),
+    ("loss weights (ramp)", ("lambda", "lambda_qar")),
+    ("QW weights of unlabeled samples", ("qw_",)),
+)
+
+
+def _panel_of(col: str) -> str:
+    for title, keys in _CURVE_PANELS:
+        if any(col == k or (k.endswith("_") and col.startswith(k)) for k in keys):
+            return title
+    return "other"
+
+
+def learning_curves(history: list[dict], path: Path, title: str = "") -> Path | None:
+    """Per-epoch curves of a run (nnU-Net's progress.png): training losses, validation metrics,
+    the loss-weight ramps and, for --qw, the spread of QW weights. Columns that are never finite
+    (a loss term that was never on) are left out. None when there is nothing to draw."""
+    if not history:
+        return None
+    epochs = np.array([float(r.get("epoch", i + 1)) for i, r in enumerate(history)])
+    skip = {"epoch", "seconds", "step"}
+    panels: dict[str, list[tuple[str, np.ndarray]]] = {}
+    for col in dict.fromkeys(k for r in history for k in r):
+        if col in skip:
+            continue
+        try:
+            y = np.array([float(r.get(col, np.nan)) for r in history])
+        except (TypeError, ValueError):
+            continue
+        if not np.isfinite(y).any():
+            continue
+        panels.setdefault("learning rate" if col == "lr" else _panel_of(col), []).append((col, y))
+    order = [t for t, _ in _CURVE_PANELS] + ["learning rate", "other"]
+    shown = [t for t in order if t in panels]
+    if not shown:
+        return None
+    fig, axes = plt.subplots(len(shown), 1, figsize=(9, 2.1 * len(shown) + 0.5), squeeze=False, sharex=True)
+    for ax, t in zip(axes[:, 0], shown):
+        for col, y in panels[t]:
+            ok = np.isfinite(y)
+            ax.plot(epochs[ok], y[ok], marker="o" if ok.sum() < 30 else None, ms=3, label=col)
+        ax.set_title(t, fontsize=9, loc="left")
+        if t == "learning rate":
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    axes[-1, 0].set_xlabel("epoch")
+    axes[-1, 0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)

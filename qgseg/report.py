@@ -69,16 +69,38 @@ def fmt(v: Any, digits: int = 4) -> str:
     return str(v)
 
 
+_WORDS = {"mae": "MAE", "rmse": "RMSE", "dsc": "DSC", "iou": "IoU", "hd95": "HD95", "ge": ">=", "se": "s.e.",
+          "qw": "QW", "qar": "QAR", "dq": "D_Q", "tta": "TTA", "pearson": "Pearson r", "spearman": "Spearman rho",
+          "p": "p-value"}
+
+
+def label(key: str) -> str:
+    """A summary key as a table label: ``test_mae_dice_ge_0.7`` -> ``test MAE dice >= 0.7``; keys
+    that are not snake_case are shown as they are."""
+    if "_" not in key:
+        return key
+    return " ".join(_WORDS.get(w, w) for w in key.split("_") if w)
+
+
+def fmt_value(key: str, v: Any) -> str:
+    """fmt, plus units a key implies (``*seconds``: "5.3 s") and "undefined" for a missing value."""
+    if v is None:
+        return "undefined"
+    if key.endswith("seconds") and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return f"{v:.1f} s"
+    return fmt(v)
+
+
 def kv_table(title: str, items: Mapping[str, Any]) -> Table:
     t = Table(title=title, show_header=True, header_style="bold")
     t.add_column("key")
     t.add_column("value", overflow="fold")
     for k, v in items.items():
         if isinstance(v, Mapping):
-            v = ", ".join(f"{a}: {fmt(b)}" for a, b in v.items())
+            v = ", ".join(f"{a}: {fmt_value(str(a), b)}" for a, b in v.items())
         elif isinstance(v, (list, tuple)):
             v = ", ".join(fmt(x) for x in v)
-        t.add_row(str(k), fmt(v))
+        t.add_row(label(str(k)), fmt_value(str(k), v))
     return t
 
 
@@ -123,14 +145,19 @@ class Reporter:
             self._progress.__exit__(*exc)
             self._progress = None
 
-    def start(self, description: str, total: int, completed: int = 0) -> None:
+    def start(self, description: str, total: int, completed: int = 0, epochs: int = 0, unit: str = "steps") -> None:
+        """A bar of ``total`` steps (or other ``unit``); ``epochs`` > 0: the steps are that many epochs' worth."""
         self._t0 = time.time()
         if self._progress is not None:
             if self._task is not None:
                 self._progress.remove_task(self._task)
             self._task = self._progress.add_task(description, total=total, completed=completed, info="")
         elif not self.quiet:
-            log.info("%s: %d steps", description, total)
+            if epochs:
+                log.info("%s: %d epochs of %d steps (%d steps in all)", description, epochs,
+                         total // max(epochs, 1), total)
+            else:
+                log.info("%s: %d %s", description, total, unit)
 
     def advance(self, n: int = 1, info: str = "") -> None:
         if self._progress is not None and self._task is not None:

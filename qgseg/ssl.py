@@ -304,8 +304,14 @@ def run_ssl(loaded, out: Path | str | None = None, resume: bool = False,
 
     distributed.setup(loaded.config.device)
     quality_run, model = "", None
+    warnings: list[str] = []
     if not resume:  # usage errors (method, --qw, g, architecture) before a run directory exists
         check_config(loaded.config)
+        from qgseg.checks import schedule_warnings
+
+        warnings = schedule_warnings(loaded.config)
+        for w in warnings:
+            log.warning("%s", w)
         quality_run = find_quality(loaded.config)
         model = _build_model(loaded.config)
     device = distributed.local_device(resolve_device(loaded.config.device))
@@ -365,8 +371,11 @@ def run_ssl(loaded, out: Path | str | None = None, resume: bool = False,
         summary = _test(run, task, test, fit, {"parameters": params["model"], "quality_run": quality_run,
                                                "quality_views": quality_views, "quality_sha256": quality_sha,
                                                "quality_data": g_dataset(quality_run) if quality_run else ""})
-        if g_warning:
-            summary["warnings"] = [g_warning]
+        summary["unlabeled_term_epochs"] = sum(1 for r in fit.history if float(r.get("lambda", 0) or 0) > 0)
+        summary["qar_term_epochs"] = sum(1 for r in fit.history if float(r.get("lambda_qar", 0) or 0) > 0)
+        warnings += [g_warning] if g_warning else []
+        if warnings:
+            summary["warnings"] = warnings
         summary = run.write_summary(summary, key_metrics=("test_dsc", "best_val_dsc"))
         run.set_status("completed")
     return run, summary

@@ -879,3 +879,70 @@ def test_out_of_range_value_names_its_source(tmp_path, args, source):
     res = cli("ssl", *args, *common(tmp_path))
     assert res.exit_code == 2
     assert source in one_error_line(res.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. hidden traps, plots, tables, progress (issue 17, list items 6 and 8)
+# ---------------------------------------------------------------------------------------------
+def test_ssl_schedule_that_never_reaches_the_unlabeled_term_warns(synth_data, tmp_path):
+    res = cli("ssl", "--method", "mt", "--labeled", synth_data / "labeled", "--unlabeled", synth_data / "unlabeled",
+              *sets(SSL), "--set", "ssl.warmup=5", *common(tmp_path), "--out", tmp_path / "s")
+    assert res.exit_code == 0, res.stderr
+    assert "ssl.warmup = 5 >= train.epochs = 3" in res.stderr and "never switches on" in res.stderr
+    assert "unlabeled term never on" in res.stdout  # the table does not claim "mt" quietly
+    summary = json.loads((tmp_path / "s" / "summary.json").read_text())
+    assert summary["unlabeled_term_epochs"] == 0 and any("never switches on" in w for w in summary["warnings"])
+    log = (tmp_path / "s" / "log.txt").read_text()
+    assert "epoch 1:" in log and "nan" not in log  # inactive terms are left out, not printed as nan
+
+
+def test_every_training_run_has_learning_curves(quality_ref, ssl_ref):
+    for run in (quality_ref, ssl_ref):
+        png = run / "plots" / "learning_curves.png"
+        assert png.is_file() and png.stat().st_size > 10_000
+
+
+def test_learning_curves_show_the_ssl_schedule(tmp_path):
+    from qgseg import plots
+
+    history = [{"epoch": e, "sup": 1.0 / e, "unsup": float("nan") if e < 2 else 0.1, "lambda": 0.1 * e,
+                "qw_mean": 0.5, "val_dsc": 0.1 * e, "lr": 1e-3} for e in range(1, 5)]
+    assert plots.learning_curves(history, tmp_path / "c.png").is_file()
+    assert plots.learning_curves([], tmp_path / "none.png") is None
+
+
+def test_corrupt_contact_sheet_has_several_cases_and_every_category(synth_data, tmp_path, monkeypatch):
+    from qgseg import plots
+    from qgseg.corrupt import CATEGORIES
+
+    seen = {}
+    real = plots.corruption_examples
+
+    def spy(image, gt, cs, path, per_category=4, categories=None):
+        seen.update(gt=gt, cs=cs, categories=categories)
+        return real(image, gt, cs, path, per_category, categories)
+
+    monkeypatch.setattr(plots, "corruption_examples", spy)
+    ok(cli("corrupt", "--labeled", synth_data / "labeled", *sets(QUALITY), *common(tmp_path), "--out",
+           tmp_path / "c", "--json"))
+    assert seen["gt"].ndim == 3 and len(set(seen["cs"].case.tolist())) > 5  # many cases, not one
+    assert set(CATEGORIES) <= set(seen["categories"])  # a row per category, even one not drawn
+    assert (tmp_path / "c" / "plots" / "examples.png").is_file()
+
+
+def test_train_quality_table_is_readable(synth_data, quality_ref, tmp_path):
+    from qgseg.report import kv_table, stdout_console
+
+    summary = json.loads((quality_ref / "summary.json").read_text())
+    con = stdout_console()
+    with con.capture() as cap:
+        con.print(kv_table("g", summary))
+    text = cap.get()
+    assert "test MAE" in text and "test_mae" not in text and "train_seconds" not in text
+    assert f"{summary['train_seconds']:.1f} s" in text
+
+
+def test_corrupt_reports_progress(synth_data, tmp_path):
+    res = cli("corrupt", "--labeled", synth_data / "labeled", *sets(QUALITY), *common(tmp_path))
+    assert res.exit_code == 0, res.stderr
+    assert "corrupt:" in res.stderr and "masks to draw" in res.stderr
