@@ -505,6 +505,24 @@ def dumps_toml(cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
+def dumps_toml_with_sources(loaded: "Loaded") -> str:
+    """The resolved configuration as TOML, each value followed by where it came from
+    (``# default``, ``# preset cpu``, ``# config file X``, ``# option``, ``# --set``)."""
+    d = to_dict(loaded.config)
+    src = dict(loaded.explicit)
+    if loaded.config.ssl.method == "qar" and "ssl.qar_weight" not in src:
+        src["ssl.qar_weight"] = "default of method qar"
+
+    def line(key: str, dotted: str, value: Any) -> str:
+        return f"{key} = {_toml_value(value)}  # {src.get(dotted, 'default')}"
+
+    lines = [line(k, k, d[k]) for k in _TOP_KEYS]
+    for sec in _SECTION_CLASSES:
+        lines += ["", f"[{sec}]"]
+        lines += [line(k, f"{sec}.{k}", v) for k, v in d[sec].items()]
+    return "\n".join(lines) + "\n"
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"

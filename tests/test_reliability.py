@@ -889,6 +889,7 @@ def test_ssl_schedule_that_never_reaches_the_unlabeled_term_warns(synth_data, tm
               *sets(SSL), "--set", "ssl.warmup=5", *common(tmp_path), "--out", tmp_path / "s")
     assert res.exit_code == 0, res.stderr
     assert "ssl.warmup = 5 >= train.epochs = 3" in res.stderr and "never switches on" in res.stderr
+    assert "ssl: 3 epochs of 2 steps" in res.stderr  # not "6 steps", which read like epochs
     assert "unlabeled term never on" in res.stdout  # the table does not claim "mt" quietly
     summary = json.loads((tmp_path / "s" / "summary.json").read_text())
     assert summary["unlabeled_term_epochs"] == 0 and any("never switches on" in w for w in summary["warnings"])
