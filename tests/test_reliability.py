@@ -389,7 +389,7 @@ def test_bad_usage_exits_2_with_one_line_and_no_run_directory(synth_data, tmp_pa
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    res = cli("ssl", "--arch", "nope", "--debug", *common(tmp_path))
+    res = cli("ssl", "--arch", "nope", "--labeled", tmp_path, "--debug", *common(tmp_path))  # data folders come first
     assert res.exit_code == 2 and "Traceback" in res.stderr and "model.arch" in res.stderr
 
 
