@@ -97,11 +97,13 @@ def _setup(preset: str | None, config: Path | None, sets: list[str] | None, opti
     from qgseg.report import setup_logging
 
     setup_logging(quiet=quiet or json_out and not sys.stderr.isatty(), debug=debug)
-    loaded = load_config(preset=preset, config_file=config, options=options, sets=sets or [])
+    check = None
     if stage:
         from qgseg.checks import preflight
 
-        preflight(stage, loaded)
+        def check(provisional):  # before the method's module (and torch) is imported by load_config
+            preflight(stage, provisional)
+    loaded = load_config(preset=preset, config_file=config, options=options, sets=sets or [], check=check)
     return Ctx(loaded, json_out, quiet, debug)
 
 

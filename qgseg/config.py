@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from qgseg.errors import InputError
 
@@ -442,8 +442,14 @@ def load_config(
     options: Mapping[str, Any] | None = None,
     sets: Iterable[str] = (),
     cwd: Path | None = None,
+    check: Callable[[Loaded], None] | None = None,
 ) -> Loaded:
-    """Resolve a configuration from all sources (see module docstring)."""
+    """Resolve a configuration from all sources (see module docstring).
+
+    ``check`` is called with the configuration before the selected method's defaults are
+    applied: the method's module imports torch, so checks that need no method (data folders)
+    answer in about a second there.
+    """
     tree = to_dict(Config())
     explicit: dict[str, str] = {}
     layers: list[tuple[str, dict[str, Any]]] = []
@@ -474,6 +480,8 @@ def load_config(
         tree = merge(tree, flat, source)
         for k in flat:
             explicit[k] = source
+    if check is not None:  # range checks too (an unknown method), all before torch loads
+        check(Loaded(build_config(tree, source=_describe(explicit), sources=explicit), explicit, used_file))
     _apply_method_defaults(tree, explicit)  # e.g. method qar brings lambda_qar = 0.01 unless set
     cfg = build_config(tree, source=_describe(explicit), sources=explicit)
     _check_method_keys(cfg, explicit)
