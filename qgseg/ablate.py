@@ -483,8 +483,11 @@ class AblateResult:
 
 def run_ablate(loaded: Loaded, name: str, values: str | None = None, seeds: int | None = None,
                jobs: int | None = None, out: Path | str | None = None, quality: str | None = None,
-               print_commands: bool = False, reporter: Reporter | None = None) -> AblateResult:
-    """Run (or gather) every point of an ablation and write table.csv / table.md / summary.json."""
+               print_commands: bool = False, reporter: Reporter | None = None, resume: bool = False) -> AblateResult:
+    """Run (or gather) every point of an ablation and write table.csv / table.md / summary.json.
+
+    Running the same command again continues an ablation; ``resume`` says so explicitly and
+    refuses when there is nothing to continue."""
     sweep = get_sweep(name)
     grid = parse_values(values, sweep)
     cfg = absolute_config(loaded.config)
@@ -497,6 +500,8 @@ def run_ablate(loaded: Loaded, name: str, values: str | None = None, seeds: int 
     if sweep.stage == "ssl" and not cfg.data.unlabeled and sweep.name != "method":
         log.info("no unlabeled folder (data.unlabeled): ssl points that need one will fail")
     path = (Path(out) if out else Path(cfg.runs_root) / STAGE / sweep.name).resolve()
+    if resume and not (path / "meta.json").is_file():
+        raise InputError(f"--resume: no {sweep.name} ablation at {path} to continue; leave out --resume to start one")
     adir = open_ablate_dir(path, sweep, cfg, loaded.config_file)
     rep = reporter or Reporter(enabled=False)
     config_file = (adir.path / "config.toml").resolve()

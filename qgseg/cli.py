@@ -29,7 +29,9 @@ app = typer.Typer(
     name="qgseg",
     help="Quality-guided semi-supervised learning for binary 2-D medical image segmentation.\n\n"
     "Phase 1 trains a quality predictor g(image, mask) ~ Dice; phase 2 uses frozen g to guide "
-    "semi-supervised training (QAR loss, QW pseudolabel weights).",
+    "semi-supervised training (QAR loss, QW pseudolabel weights).\n\n"
+    "Without --preset the defaults are the paper's GPU budget (128 px, UNet++, g 150 epochs, ssl 200 "
+    "epochs); on a CPU start with --preset cpu. `qgseg config show` prints the resolved settings.",
     rich_markup_mode="rich",
     no_args_is_help=True,
     add_completion=False,
@@ -41,13 +43,13 @@ app = typer.Typer(
 # shared options: one alias per option that several commands take
 # ---------------------------------------------------------------------------------------------
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML run file (default: ./qgseg.toml if present).", rich_help_panel="Configuration")]
-PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Built-in preset: paper (GPU, paper-faithful), cpu (small, fast) or demo (qgseg demo's minutes-long settings).", rich_help_panel="Configuration")]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help="Built-in preset: paper (GPU, paper-faithful), cpu (small, fast) or demo (qgseg demo's minutes-long settings). Without one the built-in defaults are the paper's GPU budget.", rich_help_panel="Configuration")]
 SetOpt = Annotated[Optional[List[str]], typer.Option("--set", help="Override any key: --set train.epochs=5 (repeatable).", rich_help_panel="Configuration")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (default: runs/<command>/<timestamp>).", rich_help_panel="Output")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.", rich_help_panel="Configuration")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, cuda or cuda:N.", rich_help_panel="Configuration")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.", rich_help_panel="Output")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr; no progress.", rich_help_panel="Output")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors on stderr; no progress and no result table (--json still prints its document).", rich_help_panel="Output")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks.", rich_help_panel="Output")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run given by --out, or the newest unfinished run of this command.", rich_help_panel="Output")]
 LabeledOpt = Annotated[Optional[str], typer.Option("--labeled", help="Labeled data folder (images + masks).", rich_help_panel="Data")]
@@ -77,6 +79,55 @@ OPTION_KEYS: dict[str, str] = {
 def config_options(params: dict[str, Any]) -> dict[str, Any]:
     """``{config key: value}`` of a command's parameters that OPTION_KEYS maps (None = not given)."""
     return {OPTION_KEYS[name]: value for name, value in params.items() if name in OPTION_KEYS}
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value == "":
+        return "none"
+    return ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def default_help(key: str) -> str:
+    """`` [default: 200 (train.epochs); cpu preset: 30]``: a key's built-in default (the paper's
+    budget) and, where it differs, the cpu preset's."""
+    from qgseg.config import Config, flatten, get_key, load_preset
+
+    value = get_key(Config(), key)
+    text = f"default: {_shown(value)} ({key})"
+    cpu = flatten(load_preset("cpu"), "preset cpu")
+    if key in cpu and cpu[key] != value:
+        text += f"; cpu preset: {_shown(cpu[key])}"
+    return f" \\[{text}]"  # escaped: the help is Rich markup
+
+
+class _Command(TyperCommand):
+    """--help shows the built-in default of every option that sets a config key (not visible
+    otherwise: the options default to None so that a preset or config file can set them)."""
+
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        for p in self.params:
+            key = OPTION_KEYS.get(p.name or "")
+            if key and "default:" not in (p.help or ""):
+                p.help = (p.help or "") + default_help(key)
+        super().format_help(ctx, formatter)
+
+
+def _version(value: bool) -> None:
+    if value:
+        import qgseg
+
+        print(f"qgseg {qgseg.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                          callback=_version)] = False,
+) -> None:
+    pass
 
 
 class Ctx:
@@ -157,14 +208,15 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def _emit(json_out: bool, result: dict[str, Any], render: Callable[[], Any]) -> None:
+def _emit(json_out: bool, result: dict[str, Any], render: Callable[[], Any], quiet: bool = False) -> None:
+    """The result on stdout: one JSON document (--json), else a table (none with --quiet)."""
     from qgseg.report import print_json, stdout_console
 
     if int(os.environ.get("RANK", "0")) != 0:
         return  # under torchrun rank 0 prints the result
     if json_out:
         print_json(result)
-    else:
+    elif not quiet:
         out = render()
         if out is not None:
             stdout_console().print(out)
@@ -180,7 +232,7 @@ def _emit(json_out: bool, result: dict[str, Any], render: Callable[[], Any]) -> 
 # ---------------------------------------------------------------------------------------------
 # synth
 # ---------------------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=_Command)
 @command
 def synth(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write labeled/ and unlabeled/ into.")] = Path("data/synth"),
@@ -198,13 +250,13 @@ def synth(
 
     setup_logging(quiet, debug)
     result = synth_mod.generate(out, n_labeled=n_labeled, n_unlabeled=n_unlabeled, size=size, seed=seed)
-    _emit(json_out, result, lambda: kv_table("synthetic data", result))
+    _emit(json_out, result, lambda: kv_table("synthetic data", result), quiet=quiet)
 
 
 # ---------------------------------------------------------------------------------------------
 # inspect
 # ---------------------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=_Command)
 @command
 def inspect(
     folder: Annotated[Path, typer.Argument(help="Labeled data folder.")],
@@ -233,7 +285,7 @@ def inspect(
         from qgseg.report import print_json
 
         print_json(result)
-    else:
+    elif not quiet:
         shown = {k: v for k, v in result.items() if k != "problems"}
         con = stdout_console()
         con.print(kv_table(f"dataset {folder}", shown))
@@ -249,7 +301,7 @@ def inspect(
 # ---------------------------------------------------------------------------------------------
 # ssl
 # ---------------------------------------------------------------------------------------------
-class _SSLCommand(TyperCommand):
+class _SSLCommand(_Command):
     """ssl's --method help lists the registered methods (qgseg/methods) when the help is shown."""
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
@@ -268,7 +320,7 @@ def ssl(
     method: Annotated[Optional[str], typer.Option("--method", "-m", help="An SSL method (qgseg/methods).")] = None,
     qw: Annotated[Optional[bool], typer.Option("--qw/--no-qw", help="Weight each unlabeled sample's loss by g(x, pseudolabel) (pseudolabel methods).")] = None,
     qar_weight: Annotated[Optional[float], typer.Option("--qar-weight", help="Add lambda_qar * (1 - g(x_u, f(x_u))) to any method (qar: 0.01).")] = None,
-    quality: QualityOpt("train-quality run with g (default: newest completed).") = None,
+    quality: QualityOpt("train-quality run with g (default: the newest compatible one: completed, same image size, trained on the same data set first).") = None,
     arch: Annotated[Optional[str], typer.Option("--arch", help="unetpp, attention-unet, swin-unet, unet or any smp architecture.")] = None,
     encoder: Annotated[Optional[str], typer.Option("--encoder", help="smp encoder name (default: the architecture's).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Maximum epochs (train.epochs).")] = None,
@@ -308,7 +360,7 @@ def ssl(
                       f"{s['best_val_dsc']:.4f})", "g": s["quality_run"] or "-", "run": s["run"]})
         return kv_table("ssl: test results (mean ± standard error over cases)", shown)
 
-    _emit(json_out, summary, render)
+    _emit(json_out, summary, render, quiet=quiet)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +372,7 @@ def _summary_table(title: str, summary: dict[str, Any], skip: tuple[str, ...] = 
     return kv_table(title, {k: v for k, v in summary.items() if k not in skip})
 
 
-@app.command()
+@app.command(cls=_Command)
 @command
 def corrupt(
     labeled: LabeledOpt = None,
@@ -351,10 +403,10 @@ def corrupt(
                         + [("share < 0.5", summary["share_below_0.5"]), ("share > 0.9", summary["share_above_0.9"])])
         return Group(cats, qs, f"run: {summary['run']}")
 
-    _emit(json_out, summary, render)
+    _emit(json_out, summary, render, quiet=quiet)
 
 
-@app.command("train-weak")
+@app.command("train-weak", cls=_Command)
 @command
 def train_weak(
     labeled: LabeledOpt = None,
@@ -377,10 +429,10 @@ def train_weak(
     run, summary = run_train_weak(ctx.loaded, out=out, resume=resume, reporter=Reporter(quiet=quiet))
     rows = [(c["epoch"], c["train_dice"], c["val_dice"], c["test_dice"]) for c in summary["checkpoints"]]
     _emit(json_out, summary, lambda: rows_table(f"weak checkpoints ({summary['run']})",
-                                                ["epoch", "train Dice", "val Dice", "test Dice"], rows))
+                                                ["epoch", "train Dice", "val Dice", "test Dice"], rows), quiet=quiet)
 
 
-@app.command("train-quality")
+@app.command("train-quality", cls=_Command)
 @command
 def train_quality(
     labeled: LabeledOpt = None,
@@ -405,21 +457,22 @@ def train_quality(
 
     run, summary = run_train_quality(ctx.loaded, out=out, resume=resume, reporter=Reporter(quiet=quiet))
     _emit(json_out, summary, lambda: _summary_table(f"quality predictor g ({summary['run']})", summary,
-                                                     skip=("run", "stage")))
+                                                     skip=("run", "stage")), quiet=quiet)
 
 
 # ---------------------------------------------------------------------------------------------
 # evaluate, ablate, demo
 # ---------------------------------------------------------------------------------------------
-@app.command()
+@app.command(cls=_Command)
 @command
 def evaluate(
     run: Annotated[Path, typer.Argument(help="An ssl, train-weak or train-quality run directory.")],
     data: Annotated[Optional[Path], typer.Option("--data", help="Evaluate on all cases of another labeled data set (cross-dataset).")] = None,
     split: Annotated[str, typer.Option("--split", help="Split of the run's own data: train, val or test.")] = "test",
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last (train-weak runs: the last weak_eNNN.pt).")] = "best",
-    quality_run: QualityOpt("train-quality run for the predicted-quality column (default: newest completed of the same image size).") = None,
+    quality_run: QualityOpt("train-quality run for the predicted-quality column (default: the g an ssl run was trained with, else the newest compatible one, as ssl chooses).") = None,
     config: ConfigOpt = None, preset: PresetOpt = None, sets: SetOpt = None, device: DeviceOpt = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: RUN/eval/<split or data set>).", rich_help_panel="Output")] = None,
     json_out: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
 ) -> None:
     """Evaluate a stored run into RUN/eval/<split or data set>/: per-case metrics, summary, plots."""
@@ -427,7 +480,8 @@ def evaluate(
     from qgseg.evaluate import run_evaluate  # after the config check: errors answer without torch
     from qgseg.report import kv_table, mean_se_str
 
-    out, summary = run_evaluate(ctx.loaded, run, data_dir=data, split=split, checkpoint=checkpoint, quality=quality_run)
+    _, summary = run_evaluate(ctx.loaded, run, data_dir=data, split=split, checkpoint=checkpoint, quality=quality_run,
+                              out=out)
 
     def render():
         s = summary
@@ -450,10 +504,10 @@ def evaluate(
         shown["output"] = s["out"]
         return kv_table(f"evaluate on {s['dataset']} (mean ± standard error over cases)", shown)
 
-    _emit(json_out, summary, render)
+    _emit(json_out, summary, render, quiet=quiet)
 
 
-@app.command()
+@app.command(cls=_Command)
 @command
 def ablate(
     name: Annotated[str, typer.Argument(help="lambda-qar, lambda-qw, p-weak, k, backbone, arch, unlabeled-size or method.")],
@@ -467,6 +521,7 @@ def ablate(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Ablate directory (default: runs/ablate/<name>).", rich_help_panel="Output")] = None,
     seed: SeedOpt = None, device: DeviceOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False,
     debug: DebugOpt = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the ablation at --out (default: runs/ablate/<name>); running the same command again does the same, --resume refuses when there is none.", rich_help_panel="Output")] = False,
 ) -> None:
     """Sweep one setting over values x seeds (resumable, parallel, or as cluster commands); tabulate."""
     ctx = _setup(preset, config, sets, config_options(locals()), json_out, quiet, debug)
@@ -476,7 +531,7 @@ def ablate(
 
     try:
         res = run_ablate(ctx.loaded, name, values=values, seeds=seeds, jobs=jobs, out=out, quality=quality_run,
-                         print_commands=print_commands, reporter=Reporter(quiet=quiet))
+                         print_commands=print_commands, reporter=Reporter(quiet=quiet), resume=resume)
     except KeyboardInterrupt:
         print("qgseg: interrupted; the running points stopped resumably: rerun the same command to continue",
               file=sys.stderr)
@@ -494,14 +549,14 @@ def ablate(
                   "--print-commands to gather the table", file=sys.stderr)
         return
     result = res.run.summary
-    _emit(json_out, result, lambda: render_table(res))
+    _emit(json_out, result, lambda: render_table(res), quiet=quiet)
     if res.failed:
         print(f"qgseg: error: {len(res.failed)} of {len(res.points)} points did not complete (see the table and "
               f"{res.run.path / 'logs'}); rerun the same command to retry them", file=sys.stderr)
         raise typer.Exit(1)
 
 
-@app.command()
+@app.command(cls=_Command)
 @command
 def demo(
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Folder for everything (default: runs/demo).", rich_help_panel="Output")] = None,
@@ -525,7 +580,38 @@ def demo(
     loaded = load_config(preset=preset, config_file=config, options=config_options(locals()),
                          sets=sets or [], cwd=Path(__file__).parent / "presets")
     summary = run_demo(loaded, out=out, n_labeled=n_labeled, n_unlabeled=n_unlabeled, quiet=quiet)
-    _emit(json_out, summary, lambda: render_demo(summary))
+    _emit(json_out, summary, lambda: render_demo(summary), quiet=quiet)
+
+
+# ---------------------------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------------------------
+config_app = typer.Typer(help="The resolved configuration (defaults < --preset < --config < options < --set).",
+                         no_args_is_help=True, rich_markup_mode="rich")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show", cls=_Command)
+@command
+def config_show(
+    labeled: LabeledOpt = None, unlabeled: UnlabeledOpt = None, image_size: SizeOpt = None,
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="An SSL method (its defaults apply).")] = None,
+    config: ConfigOpt = None, preset: PresetOpt = None, sets: SetOpt = None, seed: SeedOpt = None,
+    device: DeviceOpt = None, json_out: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Print the configuration a command would run with, as TOML, with the source of each value."""
+    from qgseg.config import config_sources, dumps_toml_with_sources, load_config, to_dict
+    from qgseg.report import setup_logging
+
+    setup_logging(quiet=True, debug=debug)
+    loaded = load_config(preset=preset, config_file=config, options=config_options(locals()), sets=sets or [])
+    if json_out:
+        from qgseg.report import print_json
+
+        print_json({"config": to_dict(loaded.config), "sources": config_sources(loaded),
+                    "config_file": loaded.config_file})
+    else:
+        sys.stdout.write(dumps_toml_with_sources(loaded))
 
 
 def main() -> None:

@@ -513,13 +513,25 @@ def dumps_toml(cfg: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
+def config_sources(loaded: "Loaded") -> dict[str, str]:
+    """Where each key's value came from: default, preset NAME, config file X, option, --set,
+    or the selected method's default."""
+    src = {k: "default" for k in valid_keys()}
+    src.update(loaded.explicit)
+    if loaded.config.ssl.method in _method_names():
+        from qgseg.methods import get_method
+
+        for dotted, value in get_method(loaded.config.ssl.method).defaults.items():
+            if dotted not in loaded.explicit and get_key(loaded.config, dotted) == value:
+                src[dotted] = f"default of method {loaded.config.ssl.method}"
+    return src
+
+
 def dumps_toml_with_sources(loaded: "Loaded") -> str:
     """The resolved configuration as TOML, each value followed by where it came from
     (``# default``, ``# preset cpu``, ``# config file X``, ``# option``, ``# --set``)."""
     d = to_dict(loaded.config)
-    src = dict(loaded.explicit)
-    if loaded.config.ssl.method == "qar" and "ssl.qar_weight" not in src:
-        src["ssl.qar_weight"] = "default of method qar"
+    src = config_sources(loaded)
 
     def line(key: str, dotted: str, value: Any) -> str:
         return f"{key} = {_toml_value(value)}  # {src.get(dotted, 'default')}"

@@ -120,7 +120,7 @@ def segmentation_checkpoint(run_path: Path, stage: str, checkpoint: str) -> Path
 
 
 def run_evaluate(loaded: Any, run_dir: str | Path, data_dir: str | Path | None = None, split: str = "test",
-                 checkpoint: str = "best", quality: str | None = None) -> tuple[Path, dict[str, Any]]:
+                 checkpoint: str = "best", quality: str | None = None, out: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
     """Evaluate a stored run into ``RUN/eval/<split or data set name>/`` (the run itself is not changed).
 
     ssl / train-weak runs: per-case DSC, IoU, HD95 and predicted quality g(x, prediction)
@@ -154,8 +154,10 @@ def run_evaluate(loaded: Any, run_dir: str | Path, data_dir: str | Path | None =
     rcfg = load_run_config(run_path)
     device = resolve_device(loaded.config.device)
     data, rows, name = _eval_data(run_path, rcfg, data_dir, split, loaded.config.data.cache_dir)
-    out_dir = run_path / "eval" / name
-    made = [p for p in (run_path / "eval", out_dir) if not p.exists()]  # removed again if evaluation fails
+    out_dir = Path(out) if out else run_path / "eval" / name
+    if out_dir.is_file():
+        raise InputError(f"--out {out_dir}: is a file, not a folder")
+    made = [p for p in ((out_dir,) if out else (run_path / "eval", out_dir)) if not p.exists()]  # removed on failure
     out_dir.mkdir(parents=True, exist_ok=True)
     base: dict[str, Any] = {"run": str(run_path), "stage": stage, "dataset": name, "data": str(data.root),
                             "split": None if data_dir else split, "image_size": rcfg.data.image_size,

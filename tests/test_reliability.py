@@ -947,3 +947,93 @@ def test_corrupt_reports_progress(synth_data, tmp_path):
     res = cli("corrupt", "--labeled", synth_data / "labeled", *sets(QUALITY), *common(tmp_path))
     assert res.exit_code == 0, res.stderr
     assert "corrupt:" in res.stderr and "masks to draw" in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. the CLI people expect: --version, config show, defaults in --help, --quiet, shared options
+# ---------------------------------------------------------------------------------------------
+def test_version():
+    import qgseg
+
+    res = cli("--version")
+    assert res.exit_code == 0 and res.stdout.strip() == f"qgseg {qgseg.__version__}"
+
+
+def test_config_show_prints_the_resolved_toml_with_sources(tmp_path):
+    import tomllib
+
+    f = tmp_path / "run.toml"
+    f.write_text("[data]\nimage_size = 64\n")
+    res = cli("config", "show", "--preset", "cpu", "--config", f, "--method", "qar", "--set", "train.epochs=5")
+    assert res.exit_code == 0, res.stderr
+    text = res.stdout
+    assert "epochs = 5  # --set" in text and f"image_size = 64  # config file {f}" in text
+    assert 'method = "qar"  # option' in text and "qar_weight = 0.01  # default of method qar" in text
+    assert 'arch = "unet"  # preset cpu' in text and "seed = 0  # default" in text
+    assert tomllib.loads(text)["train"]["epochs"] == 5  # valid TOML: a run file to start from
+    doc = json.loads(cli("config", "show", "--preset", "cpu", "--json").stdout)
+    assert doc["sources"]["model.arch"] == "preset cpu" and doc["config"]["model"]["arch"] == "unet"
+
+
+def _help(*args: str) -> str:
+    """--help of a command as one line of words (wide, without the boxes' borders)."""
+    res = CliRunner().invoke(app, [*args, "--help"], env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.stdout
+    return " ".join(res.stdout.replace("│", " ").split())
+
+
+def test_help_shows_the_defaults_and_the_cpu_presets():
+    text = _help("ssl")
+    assert "default: 200 (train.epochs); cpu preset:" in text
+    assert "default: unetpp (model.arch); cpu preset: unet" in text and "default: sup (ssl.method)" in text
+    top = _help()
+    assert "paper's GPU budget" in top and "--preset cpu" in top
+
+
+def test_quiet_prints_no_table_but_json_still_prints(tmp_path):
+    res = cli("synth", "--out", tmp_path / "s", "--n-labeled", "3", "--n-unlabeled", "0", "--size", "32", "--quiet")
+    assert res.exit_code == 0 and res.stdout == ""
+    res = cli("synth", "--out", tmp_path / "t", "--n-labeled", "3", "--n-unlabeled", "0", "--size", "32", "--quiet",
+              "--json")
+    assert res.exit_code == 0 and json.loads(res.stdout)
+
+
+def _readme_shared_options() -> list[tuple[list[str], list[str]]]:
+    """(options, commands) of the README's shared-options table."""
+    import re
+
+    text = (REPO / "README.md").read_text()
+    table = text.split("| option | commands |", 1)[1].split("\n\n", 1)[0]
+    rows = []
+    for line in table.strip().splitlines()[1:]:
+        opt, cmds = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        options = re.findall(r"`(--[a-z-]+)", opt)
+        everything = ["synth", "inspect", "corrupt", "train-weak", "train-quality", "ssl", "evaluate", "ablate",
+                      "demo", "config show"]
+        if cmds.startswith("every command but"):
+            commands = [c for c in everything if c not in cmds]
+        elif cmds == "every command":
+            commands = everything
+        else:
+            commands = [c.strip() for c in cmds.split(",")]
+        rows.append((options, commands))
+    return rows
+
+
+def test_readme_shared_options_are_what_the_commands_take():
+    rows = _readme_shared_options()
+    assert len(rows) >= 6
+    for options, commands in rows:
+        for command in commands:
+            text = _help(*command.split())
+            for option in options:
+                assert f" {option} " in f" {text} ", f"README: `qgseg {command}` takes {option}, but its --help lacks it"
+
+
+def test_evaluate_out_and_ablate_resume(ssl_ref, tmp_path):
+    run = _copy_run(ssl_ref, tmp_path / "s")
+    summary = ok(cli("evaluate", run, *common(tmp_path), "--out", tmp_path / "ev", "--json"))
+    assert summary["out"] == str(tmp_path / "ev") and (tmp_path / "ev" / "summary.json").is_file()
+    assert not (run / "eval").exists()
+    res = cli("ablate", "k", "--resume", *common(tmp_path))
+    assert res.exit_code == 2 and "--resume: no k ablation" in one_error_line(res.stderr)
