@@ -543,13 +543,14 @@ def test_crafted_last_pt_via_resume_is_refused(synth_data, quality_ref, tmp_path
 _RESUMER = """
 import sys, time
 from pathlib import Path
-from qgseg.config import load_config
+from qgseg.config import Config, Loaded
 from qgseg.errors import InputError
 from qgseg.runs import start_run
 run_dir, release = Path(sys.argv[1]), Path(sys.argv[2])
-loaded = load_config(sets=[f"runs_root={run_dir.parent}"], cwd=run_dir.parent)
+loaded = Loaded(Config(runs_root=str(run_dir.parent)), {})  # what --resume --out RUN needs (no method, no torch)
 try:
     run, _, resuming = start_run("ssl", loaded, run_dir, resume=True)
+    assert "torch" not in sys.modules
 except InputError as e:
     print(f"qgseg: error: {e}", file=sys.stderr)
     sys.exit(2)
