@@ -294,6 +294,7 @@ def scan_labeled(root: Path | str, image_size: int, cache_dir: str = "") -> tupl
         _warn_grey(root, data.grey_masks, len(data))  # every load says so, not only the first
         return data, problems
     n, s = len(pairs), image_size
+    log.info("%s: decoding %d image/mask pairs at %d px (cached for the next run)", root, n, s)
     images = np.zeros((n, s, s, 3), np.uint8)
     masks = np.zeros((n, s, s), np.uint8)
     sizes = np.zeros((n, 2), np.int32)
@@ -347,6 +348,7 @@ def load_unlabeled(root: Path | str, image_size: int, cache_dir: str = "", limit
     if cached is not None and list(cached["stems"]) == stems:
         images = cached["images"]
     else:
+        log.info("%s: decoding %d unlabeled images at %d px (cached for the next run)", root, len(files), image_size)
         images = np.zeros((len(files), image_size, image_size, 3), np.uint8)
         for i, f in enumerate(files):
             images[i] = resize_image(read_image(f), image_size)
