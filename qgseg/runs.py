@@ -27,14 +27,8 @@ STATUSES = ("running", "completed", "failed", "interrupted")
 
 def json_ready(obj: Any) -> Any:
     """A summary (nested dicts / lists) with its NaN / infinite floats as None, so it is strict JSON
-    (e.g. a metric undefined on no cases)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_ready(v) for v in obj]
-    return obj
+    (e.g. a metric undefined on no cases); :func:`json_safe` also says where."""
+    return json_safe(obj)[0]
 
 
 def _is_main_process() -> bool:
