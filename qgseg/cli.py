@@ -130,6 +130,31 @@ def _main(
     pass
 
 
+_running: list[Callable] = []  # the command function being run (see command())
+
+
+def _option_names() -> dict[str, str]:
+    """config key -> the option of the running command that sets it, read from the command's
+    annotations (``--epochs`` for train.epochs in ssl, for quality.epochs in train-quality)."""
+    import typing
+
+    if not _running:
+        return {}
+    try:
+        hints = typing.get_type_hints(_running[-1], include_extras=True)
+    except Exception:  # noqa: BLE001 - only error messages depend on it
+        return {}
+    out = {}
+    for name, hint in hints.items():
+        for meta in getattr(hint, "__metadata__", ()):
+            # typer.Option("--epochs", "-e"): in Annotated form the first name is held as `default`
+            decls = [getattr(meta, "default", None), *(getattr(meta, "param_decls", None) or ())]
+            long = [d for d in decls if isinstance(d, str) and d.startswith("--")]
+            if name in OPTION_KEYS and long:
+                out[OPTION_KEYS[name]] = long[0].split("/")[0]
+    return out
+
+
 class Ctx:
     """What every command needs: the resolved config and output switches."""
 
@@ -154,7 +179,8 @@ def _setup(preset: str | None, config: Path | None, sets: list[str] | None, opti
 
         def check(provisional):  # before the method's module (and torch) is imported by load_config
             preflight(stage, provisional)
-    loaded = load_config(preset=preset, config_file=config, options=options, sets=sets or [], check=check)
+    loaded = load_config(preset=preset, config_file=config, options=options, sets=sets or [], check=check,
+                         option_names=_option_names())
     return Ctx(loaded, json_out, quiet, debug)
 
 
@@ -169,6 +195,7 @@ def command(fn: Callable) -> Callable:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(kwargs.get("debug"))
         previous = None
+        _running.append(fn)
         try:
             if threading_main():  # SIGTERM (kill, schedulers) ends a run like Ctrl-C: checkpoint, 130
                 previous = signal.signal(signal.SIGTERM, _sigterm)
@@ -191,6 +218,7 @@ def command(fn: Callable) -> Callable:
                       "traceback)", file=sys.stderr)
             raise typer.Exit(1)
         finally:
+            _running.pop()
             if previous is not None:  # in-process callers (tests, notebooks) keep their own handler
                 signal.signal(signal.SIGTERM, previous)
 

@@ -443,8 +443,12 @@ def load_config(
     sets: Iterable[str] = (),
     cwd: Path | None = None,
     check: Callable[[Loaded], None] | None = None,
+    option_names: Mapping[str, str] | None = None,
 ) -> Loaded:
     """Resolve a configuration from all sources (see module docstring).
+
+    ``option_names`` (config key -> command-line option, e.g. "--epochs") names the option in
+    an error about a value it set.
 
     ``check`` is called with the configuration before the selected method's defaults are
     applied: the method's module imports torch, so checks that need no method (data folders)
@@ -480,10 +484,11 @@ def load_config(
         tree = merge(tree, flat, source)
         for k in flat:
             explicit[k] = source
+    named = {k: (option_names or {}).get(k, v) if v == "option" else v for k, v in explicit.items()}
     if check is not None:  # range checks too (an unknown method), all before torch loads
-        check(Loaded(build_config(tree, source=_describe(explicit), sources=explicit), explicit, used_file))
+        check(Loaded(build_config(tree, source=_describe(explicit), sources=named), explicit, used_file))
     _apply_method_defaults(tree, explicit)  # e.g. method qar brings lambda_qar = 0.01 unless set
-    cfg = build_config(tree, source=_describe(explicit), sources=explicit)
+    cfg = build_config(tree, source=_describe(explicit), sources=named)
     _check_method_keys(cfg, explicit)
     return Loaded(cfg, explicit, used_file)
 

@@ -874,7 +874,8 @@ def test_toml_with_a_byte_order_mark_is_read(tmp_path):
 
 @pytest.mark.parametrize("args, source", [
     (["--method", "mt", "--set", "train.epochs=0"], "--set: train.epochs = 0"),
-    (["--epochs", "0"], "command-line option: train.epochs = 0"),
+    (["--epochs", "0"], "--epochs: train.epochs = 0"),
+    (["--method", "nope"], "--method: ssl.method = 'nope' is out of range"),
 ])
 def test_out_of_range_value_names_its_source(tmp_path, args, source):
     res = cli("ssl", *args, *common(tmp_path))
