@@ -24,6 +24,7 @@ from qgseg.errors import InputError
 from qgseg.runs import atomic_write_bytes
 
 log = logging.getLogger("qgseg")
+_SAY_DECODING = 100  # files: from about this many, a first (uncached) load takes long enough to say so
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_SUFFIXES = ("_segmentation", "_lesion", "_mask", "_Segmentation", "_Mask")
@@ -294,7 +295,8 @@ def scan_labeled(root: Path | str, image_size: int, cache_dir: str = "") -> tupl
         _warn_grey(root, data.grey_masks, len(data))  # every load says so, not only the first
         return data, problems
     n, s = len(pairs), image_size
-    log.info("%s: decoding %d image/mask pairs at %d px (cached for the next run)", root, n, s)
+    if n >= _SAY_DECODING:
+        log.info("%s: decoding %d image/mask pairs at %d px (cached for the next run)", root, n, s)
     images = np.zeros((n, s, s, 3), np.uint8)
     masks = np.zeros((n, s, s), np.uint8)
     sizes = np.zeros((n, 2), np.int32)
@@ -348,7 +350,9 @@ def load_unlabeled(root: Path | str, image_size: int, cache_dir: str = "", limit
     if cached is not None and list(cached["stems"]) == stems:
         images = cached["images"]
     else:
-        log.info("%s: decoding %d unlabeled images at %d px (cached for the next run)", root, len(files), image_size)
+        if len(files) >= _SAY_DECODING:
+            log.info("%s: decoding %d unlabeled images at %d px (cached for the next run)", root, len(files),
+                     image_size)
         images = np.zeros((len(files), image_size, image_size, 3), np.uint8)
         for i, f in enumerate(files):
             images[i] = resize_image(read_image(f), image_size)
