@@ -1039,3 +1039,16 @@ def test_evaluate_out_and_ablate_resume(ssl_ref, tmp_path):
     assert not (run / "eval").exists()
     res = cli("ablate", "k", "--resume", *common(tmp_path))
     assert res.exit_code == 2 and "--resume: no k ablation" in one_error_line(res.stderr)
+
+
+def test_torch_free_method_facts_agree_with_the_registry():
+    """qgseg/checks.py knows without torch which methods read unlabeled images; the registry
+    (which imports torch) is the truth."""
+    from qgseg import checks
+    from qgseg.methods import get_method, method_names
+
+    for name in method_names():
+        m = get_method(name)
+        assert (m.unlabeled is None) == (name in checks._NO_UNLABELED_LOSS), name
+        uses_unlabeled = m.unlabeled is not None or name == "qar"
+        assert uses_unlabeled == (name not in checks._NO_UNLABELED), name
