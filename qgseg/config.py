@@ -80,6 +80,9 @@ class ModelConfig:
     weights_file: str = ""
 
 
+QW_RULES = ("power", "rank", "reject")  # ssl.qw_rule: how g's scores become QW weights (quality.qw_weights)
+
+
 @dataclass(frozen=True)
 class SSLConfig:
     method: str = "sup"
@@ -92,9 +95,11 @@ class SSLConfig:
     qar_weight: float = 0.0  # 0 = no QAR term; method "qar" defaults to 0.01
     qar_warmup: int = 30
     qar_rampup: int = 40
-    qw_form: str = "reference"  # reference: q^T [q >= thr], normalised by sum(w); plain: q, mean
+    qw_rule: str = "power"  # power: the paper's q^T (qw_form); rank: rank in the batch; reject: drop the worst tail
+    qw_form: str = "reference"  # power rule: reference q^T [q >= thr], normalised by sum(w); plain: q, mean
     qw_temperature: float = 2.0
     qw_threshold: float = 0.5
+    qw_reject: float = 0.25  # reject rule: share of each batch's lowest-scored pseudolabels given weight 0
     ema_decay: float = 0.999
     confidence: float = 0.9  # pl-t / pl-c pixel confidence threshold
 
@@ -111,7 +116,9 @@ class TrainConfig:
     precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = False
     compile: bool = False
-    steps_per_epoch: int = 0  # 0 = max(labeled, unlabeled) batches
+    steps_per_epoch: int = 0  # > 0: fixed; 0 = labeled_passes over the labeled set, else max(labeled, unlabeled) batches
+    labeled_passes: float = 0.0  # > 0: an epoch is this many passes over the labeled training set
+    min_steps_per_epoch: int = 0  # floor on the steps of an epoch that is not fixed (few labels)
 
 
 @dataclass(frozen=True)
@@ -184,9 +191,11 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "ssl.qar_weight": (lambda v: v >= 0, "a number >= 0"),
     "ssl.qar_warmup": (lambda v: v >= 0, "an integer >= 0"),
     "ssl.qar_rampup": (lambda v: v >= 0, "an integer >= 0"),
+    "ssl.qw_rule": (lambda v: v in QW_RULES, "power, rank or reject"),
     "ssl.qw_form": (lambda v: v in ("reference", "plain"), "reference or plain"),
     "ssl.qw_temperature": (lambda v: v > 0, "a number > 0"),
     "ssl.qw_threshold": (lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]"),
+    "ssl.qw_reject": (lambda v: 0.0 <= v < 1.0, "a share in [0, 1)"),
     "ssl.quality_views": (lambda v: v in (0, 1, 2, 4, 8), "0 (as saved with g), 1, 2, 4 or 8"),
     "ssl.ema_decay": (lambda v: 0.0 < v < 1.0, "a number in (0, 1)"),
     "ssl.confidence": (lambda v: 0.5 <= v < 1.0, "a number in [0.5, 1)"),
@@ -198,7 +207,9 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "train.patience": (lambda v: v >= 1, "an integer >= 1"),
     "train.grad_clip": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
     "train.precision": (lambda v: v in ("auto", "fp32", "bf16", "fp16"), "auto, fp32, bf16 or fp16"),
-    "train.steps_per_epoch": (lambda v: v >= 0, "an integer >= 0 (0 = max(labeled, unlabeled) batches)"),
+    "train.steps_per_epoch": (lambda v: v >= 0, "an integer >= 0 (0 = from train.labeled_passes or the data)"),
+    "train.labeled_passes": (lambda v: v >= 0, "a number >= 0 (0 = max(labeled, unlabeled) batches an epoch)"),
+    "train.min_steps_per_epoch": (lambda v: v >= 0, "an integer >= 0 (0 = no floor)"),
     "ablate.seeds": (lambda v: v >= 1, "an integer >= 1"),
     "ablate.jobs": (lambda v: v >= 1, "an integer >= 1"),
 }

@@ -4,6 +4,7 @@ predictor phase 2 uses for QAR and QW weights, and g's metrics on corrupted mask
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qgseg.config import QW_RULES
 from qgseg.data import LabeledData, to_float_images, to_float_masks
 from qgseg.engine import autocast, saved_module
 from qgseg.errors import InputError, QgsegError
@@ -234,16 +236,44 @@ class QualityPredictor:
         return 1.0 - self.net(images, probs).float()
 
     def weights(self, images: torch.Tensor, pseudolabels: torch.Tensor, form: str = "reference",
-                temperature: float = 2.0, threshold: float = 0.5) -> torch.Tensor:
-        """QW weights per sample (detached).
+                temperature: float = 2.0, threshold: float = 0.5, rule: str = "power",
+                reject: float = 0.25) -> torch.Tensor:
+        """QW weights per sample (detached): :func:`qw_weights` of g's scores of the pseudolabels."""
+        return qw_weights(self.score(images, pseudolabels), rule, form, temperature, threshold, reject)
 
-        reference: w = q^T * [q >= threshold] (the authors' code; normalise the loss by sum(w));
-        plain: w = q (the paper's formula; mean over the batch).
-        """
-        q = self.score(images, pseudolabels).clone()
-        if form == "plain":
-            return q
-        return q.pow(temperature) * (q >= threshold).float()
+
+def qw_weights(q: torch.Tensor, rule: str = "power", form: str = "reference", temperature: float = 2.0,
+               threshold: float = 0.5, reject: float = 0.25) -> torch.Tensor:
+    """QW weights of one batch from g's scores ``q`` (B,) of its pseudolabels (``ssl.qw_rule``).
+
+    power (the paper's): reference form w = q^T [q >= threshold] (the authors' code); plain form
+        w = q (the paper's formula).
+    rank: w_i = r_i / B, r_i the rank of q_i within the batch (1 = lowest score; tied scores share
+        their mean rank): only g's ordering of the batch counts, not its calibration, so weights
+        spread over (0, 1] even when g scores every pseudolabel near 0.93.
+    reject: w_i = 0 for the floor(reject * B) lowest scores of the batch (a tie at the cut is
+        broken by batch order), 1 for the rest.
+
+    Ranks and rejection are within the batch (no state: a resumed run weights exactly as an
+    uninterrupted one); the unlabeled batch is ``train.batch_size_unlabeled`` images.
+    """
+    q = q.detach().float().clone()
+    if rule == "power":
+        return q if form == "plain" else q.pow(temperature) * (q >= threshold).float()
+    if rule == "rank":
+        below = (q[None, :] < q[:, None]).sum(1)
+        tied = (q[None, :] == q[:, None]).sum(1)  # itself included
+        return (below + (tied + 1) / 2) / q.numel()
+    if rule == "reject":
+        w = torch.ones_like(q)
+        w[torch.argsort(q, stable=True)[:math.floor(reject * q.numel() + 1e-9)]] = 0.0
+        return w
+    raise ValueError(f"unknown QW rule {rule!r}; expected one of {', '.join(QW_RULES)}")
+
+
+def qw_reduction(rule: str, form: str) -> str:
+    """How :func:`weighted_mean` reduces under a rule: rank and reject normalise by sum(w)."""
+    return form if rule == "power" else "reference"
 
 
 def weighted_mean(losses: torch.Tensor, weights: torch.Tensor | None, form: str = "reference") -> torch.Tensor:

@@ -4,8 +4,9 @@ The task combines, per step,
 
     total = sup + lambda(e) * reduce(w * unlabeled) + lambda_qar(e) * mean(1 - g(x_u, sigmoid(f(x_u))))
 
-where ``unlabeled`` is the method's per-sample loss (``qgseg/methods``), w = g(x_u, pseudolabel)
-under ``--qw`` (detached; ``reduce`` = quality.weighted_mean) and the QAR term is on when
+where ``unlabeled`` is the method's per-sample loss (``qgseg/methods``), w is made from
+q = g(x_u, pseudolabel) under ``--qw`` by ``ssl.qw_rule`` (detached; quality.qw_weights, ``reduce`` =
+quality.weighted_mean) and the QAR term is on when
 ``ssl.qar_weight`` > 0 (method ``qar``, or ``--qar-weight`` with any method). g is frozen. The
 engine does epochs, AdamW + cosine, clipping, autocast, early stopping on val DSC, checkpoints
 and resume; at the end the best checkpoint is evaluated on the test split.
@@ -13,6 +14,7 @@ and resume; at the end the best checkpoint is evaluated on the test split.
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +25,20 @@ from torch import nn
 from qgseg import data as D
 from qgseg import distributed
 from qgseg.config import Config
-from qgseg.engine import FitSettings, Task, fit_and_restore_best, fused_optimizer, infinite, resolve_device
+from qgseg.engine import FitSettings, Task, epoch_seed, fit_and_restore_best, fused_optimizer, infinite, resolve_device
 from qgseg.errors import InputError, ResumeRefused
 from qgseg.methods import Context, Method, get_method, qw_methods, ramp_weight
 from qgseg.methods.common import EMATeacher
 from qgseg.predict import evaluate_predictions, predict_probs, summarise
-from qgseg.quality import QualityPredictor, g_dataset, same_dataset, weighted_mean, weights_sha256
+from qgseg.quality import (
+    QualityPredictor,
+    g_dataset,
+    qw_reduction,
+    qw_weights,
+    same_dataset,
+    weighted_mean,
+    weights_sha256,
+)
 from qgseg.report import Reporter
 from qgseg.runs import Run, json_ready, read_json, resolve_link, start_run, write_json
 
@@ -36,6 +46,7 @@ log = logging.getLogger("qgseg")
 STAGE = "ssl"
 ETA_MIN = 1e-6
 NAN = float("nan")
+UNLABELED_SALT = 3  # the unlabeled batches' generator: epoch_seed(epoch generator's seed, epoch, 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,20 +139,33 @@ class SSLTask(Task):
 
     # -- data ---------------------------------------------------------------------------------
     def steps_per_epoch(self) -> int:
-        if self.cfg.train.steps_per_epoch > 0:
-            return self.cfg.train.steps_per_epoch
+        """``train.steps_per_epoch`` when > 0; else ``train.labeled_passes`` passes over the labeled
+        set when > 0, else max(labeled, unlabeled) batches; at least ``train.min_steps_per_epoch``."""
+        t = self.cfg.train
+        if t.steps_per_epoch > 0:
+            return t.steps_per_epoch
         world = distributed.world_size()  # under torchrun each rank does its share of the epoch
-        n_l = max(1, len(self.lab_images) // (self.bs_l * world))
-        n_u = max(1, len(self.unl_images) // (self.bs_u * world)) if self.unl_images is not None else 0
-        return max(n_l, n_u)
+        if t.labeled_passes > 0:
+            steps = math.ceil(t.labeled_passes * len(self.lab_images) / (self.bs_l * world))
+        else:
+            n_l = max(1, len(self.lab_images) // (self.bs_l * world))
+            n_u = max(1, len(self.unl_images) // (self.bs_u * world)) if self.unl_images is not None else 0
+            steps = max(n_l, n_u)
+        return max(1, steps, t.min_steps_per_epoch)
 
     def _images(self, u8: torch.Tensor) -> torch.Tensor:
         return D.to_float_images(u8.to(self.device, non_blocking=True))
 
     def batches(self, epoch: int, generator: torch.Generator):
-        """(x_l, y_l, x_u or None) per step; the shorter loader cycles (epoch = max(L, U) steps)."""
+        """(x_l, y_l, x_u or None) per step; each loader cycles through fresh permutations.
+
+        The unlabeled batches (order and flips) come from a generator of their own, derived from
+        the epoch's: every method sees the labeled batches ``sup`` sees at the same seed, so a
+        paired difference to ``sup`` measures the unlabeled term, not another data order.
+        """
         lab = infinite(lambda g: D.index_batches(len(self.lab_images), self.bs_l, g), generator)
-        unl = (infinite(lambda g: D.index_batches(len(self.unl_images), self.bs_u, g), generator)
+        unl_gen = torch.Generator().manual_seed(epoch_seed(generator.initial_seed(), epoch, UNLABELED_SALT))
+        unl = (infinite(lambda g: D.index_batches(len(self.unl_images), self.bs_u, g), unl_gen)
                if self.unl_images is not None else None)
         mf = self.memory_format
         for _ in range(self.steps_per_epoch()):
@@ -151,7 +175,7 @@ class SSLTask(Task):
             x, y = D.random_flip_rot(x, y, generator=generator)
             xu = None
             if unl is not None:
-                xu = D.random_flip_rot(self._images(self.unl_images[next(unl)]), generator=generator)
+                xu = D.random_flip_rot(self._images(self.unl_images[next(unl)]), generator=unl_gen)
                 xu = xu.contiguous(memory_format=mf)
             yield x.contiguous(memory_format=mf), y, xu
 
@@ -163,18 +187,20 @@ class SSLTask(Task):
         sup = self.method.supervised_loss(self.model, self.extras, x, y)
         total = sup
         terms: dict[str, Any] = {"sup": sup.detach(), "unsup": NAN, "qar": NAN, "lambda": lam,
-                                   "lambda_qar": lam_q, "qw_mean": NAN, "qw_nonzero": NAN}
+                                   "lambda_qar": lam_q, "qw_mean": NAN, "qw_nonzero": NAN, "q_mean": NAN,
+                                   "q_std": NAN}
         out = None
         if lam > 0 and xu is not None:
             ramp = lam / self.s.lambda_final
             assert self.method.unlabeled is not None
             out = self.method.unlabeled(Context(self.model, self.extras, self.cfg, epoch, ramp), xu)
-            unsup, weights = self._reduce(out.parts)
+            unsup, weights, scores = self._reduce(out.parts)
             total = total + lam * unsup
             terms["unsup"] = unsup.detach()
             if weights is not None:
                 terms["qw_mean"] = weights.detach().mean()
                 terms["qw_nonzero"] = (weights > 0).float().mean()
+                terms["q_mean"], terms["q_std"] = scores.mean(), scores.std(correction=0)
             terms.update(out.terms)
         if lam_q > 0 and xu is not None:
             assert self.quality is not None
@@ -186,20 +212,25 @@ class SSLTask(Task):
         terms["total"] = total.detach()
         return total, terms
 
-    def _reduce(self, parts) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Sum over parts of reduce(w * loss); w = g(image, pseudolabel) under --qw."""
-        total, weights = 0.0, []
+    def _reduce(self, parts) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Sum over parts of reduce(w * loss), w from g's scores q = g(image, pseudolabel) under --qw
+        by ``ssl.qw_rule`` (quality.qw_weights); returns it with the weights and scores (None without --qw)."""
+        total, weights, scores = 0.0, [], []
+        s = self.s
         for part in parts:
             w = None
-            if self.s.qw:
+            if s.qw:
                 assert self.quality is not None
-                w = self.quality.weights(part.image.detach(), part.pseudolabel.detach(), form=self.s.qw_form,
-                                         temperature=self.s.qw_temperature, threshold=self.s.qw_threshold)
+                q = self.quality.score(part.image.detach(), part.pseudolabel.detach()).clone()
+                w = qw_weights(q, s.qw_rule, s.qw_form, s.qw_temperature, s.qw_threshold, s.qw_reject)
                 weights.append(w)
-            total = total + weighted_mean(part.loss.float(), w, self.s.qw_form)
+                scores.append(q)
+            total = total + weighted_mean(part.loss.float(), w, qw_reduction(s.qw_rule, s.qw_form))
         if not parts:
             total = torch.zeros((), device=self.device)
-        return total, (torch.cat(weights) if weights else None)
+        if not weights:
+            return total, None, None
+        return total, torch.cat(weights), torch.cat(scores)
 
     def after_step(self, step: int) -> None:
         for m in self.extras.values():
@@ -279,6 +310,7 @@ def _test(run: Run, task: SSLTask, test: D.LabeledData, fit: Any, facts: dict[st
     cases.to_csv(run.path / "test_cases.csv", index=False)
     summary: dict[str, Any] = {
         "run": str(run.path), "stage": STAGE, "method": task.method.name, "qw": cfg.ssl.qw,
+        "qw_rule": cfg.ssl.qw_rule if cfg.ssl.qw else "",
         "qar_weight": cfg.ssl.qar_weight, "arch": model_spec(model)["arch"], "encoder": model_spec(model)["encoder"],
         "parameters": facts["parameters"], "image_size": cfg.data.image_size, "quality_run": facts["quality_run"],
         "quality_views": facts["quality_views"], "quality_sha256": facts["quality_sha256"],

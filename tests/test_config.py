@@ -202,6 +202,11 @@ def test_int_is_accepted_for_float_keys(tmp_path):
     ("quality.tta_views=0", "quality.tta_views"),
     ("ssl.quality_views=3", "ssl.quality_views"),
     ("quality.select=best", "quality.select"),
+    ("ssl.qw_rule=softmax", "ssl.qw_rule"),
+    ("ssl.qw_reject=1", "ssl.qw_reject"),
+    ("ssl.qw_reject=-0.1", "ssl.qw_reject"),
+    ("train.labeled_passes=-1", "train.labeled_passes"),
+    ("train.min_steps_per_epoch=-1", "train.min_steps_per_epoch"),
 ])
 def test_out_of_range(tmp_path, item, key):
     with pytest.raises(InputError) as e:
@@ -224,7 +229,9 @@ def test_range_error_names_the_file_that_set_it(tmp_path):
                                   "quality.color_jitter=0", "quality.color_jitter=0.5",
                                   "quality.tta_views=1", "quality.tta_views=8",
                                   "ssl.quality_views=0", "ssl.quality_views=4",
-                                  "quality.select=last", "quality.select=val_loss"])
+                                  "quality.select=last", "quality.select=val_loss",
+                                  "ssl.qw_rule=power", "ssl.qw_rule=rank", "ssl.qw_rule=reject",
+                                  "ssl.qw_reject=0", "ssl.qw_reject=0.9", "train.labeled_passes=0.5"])
 def test_range_edges_accepted(tmp_path, item):
     _load(tmp_path, sets=[item])
 

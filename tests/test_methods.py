@@ -20,9 +20,9 @@ from qgseg.methods import METHODS, Context, get_method, qw_methods, ramp_weight
 SSL_METHODS = list(METHODS)
 QW_METHODS = qw_methods()
 from qgseg.methods.cl import local_contrastive
-from qgseg.methods.common import EMATeacher, ema_decay_at
+from qgseg.methods.common import EMATeacher, Part, ema_decay_at
 from qgseg.models import SegNet
-from qgseg.quality import QualityPredictor, build_quality_net, weighted_mean
+from qgseg.quality import QualityPredictor, build_quality_net, qw_weights, weighted_mean
 from qgseg.ssl import SSLTask, build_optimizer, check_config
 from qgseg.synth import make_case
 
@@ -215,6 +215,56 @@ def test_qw_weights_carry_no_gradient(base):
     assert torch.allclose(losses.grad, torch.tensor([0.25, 0.0, 0.75, 0.0]))
 
 
+def test_qw_rules_on_hand_made_scores():
+    """ssl.qw_rule: the weights of known scores, including ties and the tail cut."""
+    q = torch.tensor([0.9, 0.5, 0.7, 0.3])
+    assert torch.allclose(qw_weights(q), torch.tensor([0.81, 0.25, 0.49, 0.0]))  # power: q^2 [q >= 0.5]
+    assert torch.allclose(qw_weights(q, "power", temperature=1.0, threshold=0.6), torch.tensor([0.9, 0, 0.7, 0]))
+    assert torch.equal(qw_weights(q, "power", form="plain"), q)
+    assert torch.allclose(qw_weights(q, "rank"), torch.tensor([1.0, 0.5, 0.75, 0.25]))
+    # tied scores share their mean rank; a batch g cannot tell apart gets equal weights
+    assert torch.allclose(qw_weights(torch.tensor([0.8, 0.8, 0.2, 0.8]), "rank"), torch.tensor([0.75, 0.75, 0.25, 0.75]))
+    assert torch.allclose(qw_weights(torch.full((5,), 0.93), "rank"), torch.full((5,), 0.6))
+    assert torch.equal(qw_weights(q, "reject", reject=0.25), torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    assert torch.equal(qw_weights(q, "reject", reject=0.5), torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    assert torch.equal(qw_weights(q, "reject", reject=0.2), torch.ones(4))  # floor(0.8) = 0 rejected
+    assert torch.equal(qw_weights(torch.tensor([0.5, 0.5, 0.9, 0.1]), "reject", reject=0.5),
+                       torch.tensor([0.0, 1.0, 1.0, 0.0]))  # a tie at the cut: batch order
+    assert torch.equal(qw_weights(torch.linspace(0, 1, 10).flip(0), "reject", reject=0.3),
+                       torch.tensor([1.0] * 7 + [0.0] * 3))
+    with pytest.raises(ValueError, match="power, rank, reject"):
+        qw_weights(q, "softmax")
+
+
+@pytest.mark.parametrize("rule, form, expected", [
+    ("power", "reference", (0.81 * 1 + 0.25 * 2 + 0.49 * 3) / (0.81 + 0.25 + 0.49)),
+    ("power", "plain", (0.9 * 1 + 0.5 * 2 + 0.7 * 3 + 0.3 * 4) / 4),
+    ("rank", "plain", (1.0 * 1 + 0.5 * 2 + 0.75 * 3 + 0.25 * 4) / 2.5),  # rank and reject normalise by sum(w)
+    ("reject", "reference", (1 + 3) / 2),
+])
+def test_task_reduces_with_the_qw_rule(base, monkeypatch, rule, form, expected):
+    """The ssl task weights a hand-made batch (known g scores and losses) by ssl.qw_rule."""
+    task = make_task(base, "pl", qw=True, **{"ssl.qw_rule": rule, "ssl.qw_form": form, "ssl.qw_reject": 0.5})
+    q = torch.tensor([0.9, 0.5, 0.7, 0.3])
+    monkeypatch.setattr(task.quality, "score", lambda images, masks: q.clone())
+    part = Part(torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.zeros(4, 1, SIZE, SIZE), torch.zeros(4, 3, SIZE, SIZE))
+    total, w, scores = task._reduce([part])
+    assert float(total) == pytest.approx(expected) and torch.equal(scores, q)
+    assert torch.equal(w, qw_weights(q, rule, form, reject=0.5))
+    # two parts (CPS): each is weighted and reduced on its own, then summed
+    total2, w2, _ = task._reduce([part, part])
+    assert float(total2) == pytest.approx(2 * expected) and w2.shape == (8,)
+
+
+def test_rank_rule_step_logs_scores_and_weights(base):
+    _, terms = one_step(make_task(base, "pl", qw=True, **{"ssl.qw_rule": "rank"}))
+    # four distinct scores: weights 1/4 .. 4/4, none zero; g's own scores logged beside them
+    assert terms["qw_mean"] == pytest.approx(0.625) and terms["qw_nonzero"] == 1.0
+    assert 0.0 <= terms["q_mean"] <= 1.0 and terms["q_std"] >= 0.0
+    _, terms = one_step(make_task(base, "pl"))
+    assert math.isnan(terms["q_mean"]) and math.isnan(terms["q_std"])
+
+
 def test_cps_updates_both_networks(base):
     task = make_task(base, "cps", qw=True)
     f0, p0 = snapshot(task.model), snapshot(task.extras["peer"])
@@ -293,6 +343,38 @@ def test_epoch_length_and_deterministic_batches(base):
     sup = make_task(base, "sup", unlabeled=False, **{"train.steps_per_epoch": 0})
     assert sup.steps_per_epoch() == 1 and next(iter(sup.batches(1, torch.Generator())))[2] is None
     assert make_task(base, "mt", **{"train.steps_per_epoch": 7}).steps_per_epoch() == 7
+
+
+def test_every_method_sees_the_labeled_batches_of_sup(base):
+    """Unlabeled batches have their own generator: the labeled stream (order and flips) of an
+    epoch is the same with or without unlabeled images, so runs pair with sup at a seed."""
+    def labeled(task):
+        return [(x, y) for x, y, _ in task.batches(3, torch.Generator().manual_seed(11))]
+
+    ref = labeled(make_task(base, "sup", unlabeled=False, **{"train.steps_per_epoch": 3}))
+    for method in ("mt", "cps", "qar"):
+        got = labeled(make_task(base, method, qar=0.01 if method == "qar" else 0.0, **{"train.steps_per_epoch": 3}))
+        assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(ref, got, strict=True))
+    # the unlabeled stream changes with the epoch's generator
+    task = make_task(base, "mt")
+    xu = [b[2] for b in task.batches(1, torch.Generator().manual_seed(11))]
+    other = [b[2] for b in task.batches(1, torch.Generator().manual_seed(12))]
+    assert not all(torch.equal(a, b) for a, b in zip(xu, other))
+
+
+@pytest.mark.parametrize("passes, floor, fixed, steps", [
+    (1.0, 0, 0, 2),  # ceil(6 labeled / batch 4), whatever the 12 unlabeled images
+    (2.5, 0, 0, 4),  # ceil(2.5 * 6 / 4)
+    (1.0, 5, 0, 5),  # few labels: the floor
+    (0.0, 5, 0, 5),  # max(6 // 4, 12 // 4) = 3 < floor
+    (1.0, 5, 7, 7),  # a fixed train.steps_per_epoch wins
+])
+def test_epoch_length_from_labeled_passes(base, passes, floor, fixed, steps):
+    task = make_task(base, "mt", **{"train.steps_per_epoch": fixed, "train.labeled_passes": passes,
+                                    "train.min_steps_per_epoch": floor})
+    assert task.steps_per_epoch() == steps
+    batches = list(task.batches(1, torch.Generator().manual_seed(0)))
+    assert len(batches) == steps and all(b[2] is not None for b in batches)  # unlabeled batches alongside
 
 
 def test_teacher_update_count_survives_resume(base):

@@ -37,7 +37,7 @@ batch_size_unlabeled = 4
 warmup = 0
 rampup = 1
 """
-COLUMNS = ["epoch", "sup", "unsup", "qar", "total", "lambda", "lambda_qar", "qw_mean", "qw_nonzero",
+COLUMNS = ["epoch", "sup", "unsup", "qar", "total", "lambda", "lambda_qar", "qw_mean", "qw_nonzero", "q_mean", "q_std",
            "val_dsc", "val_iou", "val_quality", "val_quality_corr", "lr"]
 
 
@@ -106,7 +106,7 @@ def test_mt_qw_end_to_end(workdir):
     summary = json.loads(res.stdout)
     run = Path(summary["run"])
     assert run.parent == Path("runs") / "ssl"
-    assert summary["method"] == "mt" and summary["qw"] is True
+    assert summary["method"] == "mt" and summary["qw"] is True and summary["qw_rule"] == "power"
     assert Path(summary["quality_run"]).resolve() == quality.path.resolve()  # found by itself
     assert summary["quality_views"] == 2  # g scores with the views saved with it
     for name in ("config.toml", "meta.json", "splits.json", "metrics.csv", "summary.json", "test_cases.csv",
@@ -122,7 +122,7 @@ def test_mt_qw_end_to_end(workdir):
     assert set(COLUMNS) <= set(rows[0]), set(COLUMNS) - set(rows[0])
     assert [float(r["lambda"]) for r in rows] == [0.25, 0.25]
     for r in rows:
-        for c in ("sup", "unsup", "total", "val_dsc", "val_iou", "val_quality", "qw_mean", "qw_nonzero"):
+        for c in ("sup", "unsup", "total", "val_dsc", "val_iou", "val_quality", "qw_mean", "qw_nonzero", "q_mean"):
             assert float(r[c]) == float(r[c]), c  # not NaN
         assert 0.0 <= float(r["qw_nonzero"]) <= 1.0
     splits = json.loads((run / "splits.json").read_text())
