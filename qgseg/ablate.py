@@ -1,6 +1,7 @@
 """``qgseg ablate NAME``: sweep one setting over a grid of values x seeds, then tabulate.
 
-Every point is a normal run directory, ``<ablate>/points/<value>/seed<k>/``, made by a child
+Every point is a normal run directory, ``<ablate>/points/<value>/seed<k>/`` (the ``labels`` sweep
+adds a method level: ``<ablate>/points/<value>/<method>/seed<k>/``), made by a child
 process ``python -m qgseg <stage> --config <ablate>/config.toml --out <point> --set key=value
 --seed k --json`` (``--resume`` when the point holds an unfinished run). Rerunning the same
 command skips completed points, so an interrupted sweep continues where it stopped; with
@@ -52,6 +53,8 @@ class Sweep:
     help: str
     metrics: tuple[tuple[str, str], ...] = ()  # (summary key, column name)
     e_val96: bool = False
+    methods: tuple[str, ...] = ()  # a second dimension: SSL methods at every value (``--methods``)
+    paired: str = ""  # what each row is compared with, paired by seed: "sup" (the sup row), "zero" (the 0 value)
 
     @property
     def default(self) -> tuple[str, ...]:
@@ -69,10 +72,12 @@ _P2 = (("test_dsc", "DSC"), ("test_iou", "IoU"))
 _P1 = (("test_mae", "MAE"), ("test_pearson", "Pearson"))
 
 SWEEPS: dict[str, Sweep] = {s.name: s for s in (
-    Sweep("lambda-qar", "ssl", "ssl.qar_weight", ("0.001", "0.01", "0.1"),
-          "final QAR weight lambda_qar (method qar unless ssl.method is set)", _P2),
-    Sweep("lambda-qw", "ssl", "ssl.lambda_final", ("0.1", "0.25", "0.5", "1.0"),
-          "final unlabeled-loss weight of a QW method (pl --qw unless ssl.method is set)", _P2),
+    Sweep("lambda-qar", "ssl", "ssl.qar_weight", ("0", "0.001", "0.01", "0.1"),
+          "final QAR weight lambda_qar (method qar unless ssl.method is set; 0 = the method without QAR, "
+          "sup for qar)", _P2, paired="zero"),
+    Sweep("lambda-qw", "ssl", "ssl.lambda_final", ("0", "0.1", "0.25", "0.5", "1.0"),
+          "final unlabeled-loss weight of a QW method (pl --qw unless ssl.method is set; 0 = no unlabeled "
+          "term: sup)", _P2, paired="zero"),
     Sweep("p-weak", "train-quality", "corrupt.p_weak", ("0", "0.05", "0.1", "0.2"),
           "probability of a Type 2 (weak-model) mask in D_Q", _P1),
     Sweep("k", "train-quality", "corrupt.k", ("10", "25", "50", "100"), "corrupted masks per training image K", _P1),
@@ -84,7 +89,11 @@ SWEEPS: dict[str, Sweep] = {s.name: s for s in (
     Sweep("unlabeled-size", "ssl", "data.max_unlabeled", ("25%", "50%", "100%"),
           "unlabeled images M (a count, or a percentage of the unlabeled folder; method qar unless "
           "ssl.method is set)", _P2, e_val96=True),
-    Sweep("method", "ssl", "", method_rows, "every SSL method with and without QW (the paper's Table 1 rows)", _P2),
+    Sweep("method", "ssl", "", method_rows, "every SSL method with and without QW (the paper's Table 1 rows)", _P2,
+          paired="sup"),
+    Sweep("labels", "ssl", "data.max_labeled", ("14", "28", "70"),
+          "labeled training images (data.max_labeled, 0 = all) x SSL methods", _P2, methods=("sup", "pl", "mt"),
+          paired="sup"),
 )}
 
 
@@ -98,10 +107,15 @@ class Point:
     reason: str = ""
     summary: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. e_val96
+    method: str = ""  # the labels sweep's second dimension ("" elsewhere)
 
     @property
     def label(self) -> str:
-        return f"{self.value} seed {self.seed}"
+        return f"{self.value}{' ' + self.method if self.method else ''} seed {self.seed}"
+
+    @property
+    def log_name(self) -> str:
+        return f"{slug(self.value)}{'-' + slug(self.method) if self.method else ''}-seed{self.seed}.log"
 
 
 def get_sweep(name: str) -> Sweep:
@@ -117,16 +131,35 @@ def slug(value: str) -> str:
     return s or "_"
 
 
-def parse_values(text: str | None, sweep: Sweep) -> list[str]:
+def parse_values(text: str | None, sweep: Sweep, option: str = "--values") -> list[str]:
+    default = sweep.default if option == "--values" else sweep.methods
     if text is None:
-        return list(sweep.default)
+        return list(default)
     values = [v.strip() for v in text.split(",") if v.strip()]
     if not values:
-        raise InputError(f"--values {text!r}: expected comma-separated values, e.g. {','.join(sweep.default)}")
+        raise InputError(f"{option} {text!r}: expected comma-separated values, e.g. {','.join(default)}")
     slugs = [slug(v) for v in values]
     if len(set(slugs)) != len(slugs):
-        raise InputError(f"--values {text!r}: a value is listed twice")
+        raise InputError(f"{option} {text!r}: a value is listed twice")
     return values
+
+
+def parse_methods(text: str | None, sweep: Sweep) -> list[str]:
+    """The methods dimension: the labels sweep's (default sup, pl, mt); other sweeps have none."""
+    if not sweep.methods:
+        if text is not None:
+            raise InputError(f"--methods: the {sweep.name} sweep has no methods dimension (only labels has); "
+                             "use --set ssl.method=NAME")
+        return [""]
+    return parse_values(text, sweep, "--methods")
+
+
+def is_zero(value: str) -> bool:
+    """Whether a grid value is the number 0 (``0``, ``0.0``, ``0e0``)."""
+    try:
+        return float(value) == 0.0
+    except ValueError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,20 +181,19 @@ def point_sets(sweep: Sweep, value: str, cfg: Config, explicit: dict[str, str],
 
     method_given = "ssl.method" in explicit
     if sweep.name == "method":
-        method, _, flag = value.partition("+")
-        if flag not in ("", "qw"):
-            return [f"ssl.method={value}"]  # let the point's run reject it
-        qw = f"ssl.qw={'true' if flag else 'false'}"
-        if method not in method_names():
-            return [f"ssl.method={method}", qw]  # let the point's run reject it
-        settings = method_settings(method, cfg)
-        return [f"ssl.method={method}", qw] + [f"{k}={v}" for k, v in settings.items() if k != "ssl.method"]
+        return method_sets(value, cfg)
     out: list[str] = []
     if sweep.name == "lambda-qar":
+        method = cfg.ssl.method if method_given else "qar"
+        if is_zero(value):  # the method with the QAR term off; for qar that is sup
+            base = "sup" if method == "qar" or method not in method_names() else method
+            return [f"{k}={v}" for k, v in {**method_settings(base, cfg), "ssl.qar_weight": 0.0}.items()]
         if not method_given:
             out.append("ssl.method=qar")
         out.append(f"ssl.qar_weight={value}")
     elif sweep.name == "lambda-qw":
+        if is_zero(value):  # lambda scales the whole unlabeled term: 0 is the supervised baseline
+            return ["ssl.method=sup", "ssl.qw=false", "ssl.lambda_final=0.0"]
         if not method_given:
             out.append("ssl.method=pl")
         out += ["ssl.qw=true", f"ssl.lambda_final={value}"]
@@ -183,6 +215,25 @@ def point_sets(sweep: Sweep, value: str, cfg: Config, explicit: dict[str, str],
     else:
         out.append(f"{sweep.key}={value}")
     return out
+
+
+def method_sets(value: str, cfg: Config) -> list[str]:
+    """The ``--set`` items of a method value: ``NAME`` or ``NAME+qw`` (the method and labels sweeps)."""
+    from qgseg.methods import method_names
+
+    method, _, flag = value.partition("+")
+    if flag not in ("", "qw"):
+        return [f"ssl.method={value}"]  # let the point's run reject it
+    qw = f"ssl.qw={'true' if flag else 'false'}"
+    if method not in method_names():
+        return [f"ssl.method={method}", qw]  # let the point's run reject it
+    settings = method_settings(method, cfg)
+    return [f"ssl.method={method}", qw] + [f"{k}={v}" for k, v in settings.items() if k != "ssl.method"]
+
+
+def labels_sets(value: str, method: str, cfg: Config) -> list[str]:
+    """A labels point: the method's settings at ``data.max_labeled`` = value."""
+    return method_sets(method, cfg) + [f"data.max_labeled={value}"]
 
 
 def _default_method(cfg: Config, method_given: bool) -> list[str]:
@@ -376,9 +427,20 @@ def _prereq(adir: Run, stage: str, config_file: Path, sets: list[str], env: dict
     return str(path.resolve())
 
 
+def needs_g(sets: list[str], cfg: Config) -> bool:
+    """Whether a point's run needs g: --qw, or a QAR weight > 0 (an unreadable one: assume so)."""
+    given = dict(item.split("=", 1) for item in sets if "=" in item)
+    if given.get("ssl.qw", str(cfg.ssl.qw).lower()) == "true":
+        return True
+    try:
+        return float(given.get("ssl.qar_weight", cfg.ssl.qar_weight)) > 0
+    except ValueError:
+        return True
+
+
 def resolve_quality(adir: Run, cfg: Config, quality: str | None, config_file: Path, env: dict[str, str],
-                    reporter: Reporter) -> str:
-    """The g every ssl point gets with --quality."""
+                    reporter: Reporter, train: bool = True) -> str:
+    """The g every ssl point gets with --quality ("" when none is found and ``train`` is off)."""
     if quality:
         run = resolve_link(quality, cfg.runs_root, "train-quality", "--quality")
         if not _usable(str(run.path), "train-quality", cfg.data.image_size):
@@ -388,7 +450,7 @@ def resolve_quality(adir: Run, cfg: Config, quality: str | None, config_file: Pa
     if used and _usable(used, "train-quality", cfg.data.image_size):
         return used
     found = _newest(cfg, "train-quality")
-    if found:
+    if found or not train:
         return found
     return _prereq(adir, "train-quality", config_file, [], env, reporter)
 
@@ -483,13 +545,15 @@ class AblateResult:
 
 def run_ablate(loaded: Loaded, name: str, values: str | None = None, seeds: int | None = None,
                jobs: int | None = None, out: Path | str | None = None, quality: str | None = None,
-               print_commands: bool = False, reporter: Reporter | None = None, resume: bool = False) -> AblateResult:
+               print_commands: bool = False, reporter: Reporter | None = None, resume: bool = False,
+               methods: str | None = None) -> AblateResult:
     """Run (or gather) every point of an ablation and write table.csv / table.md / summary.json.
 
     Running the same command again continues an ablation; ``resume`` says so explicitly and
     refuses when there is nothing to continue."""
     sweep = get_sweep(name)
     grid = parse_values(values, sweep)
+    method_grid = parse_methods(methods, sweep)
     cfg = absolute_config(loaded.config)
     n_seeds = seeds if seeds is not None else cfg.ablate.seeds
     n_jobs = jobs if jobs is not None else cfg.ablate.jobs
@@ -509,7 +573,7 @@ def run_ablate(loaded: Loaded, name: str, values: str | None = None, seeds: int 
     env = child_env(max(1, cores // n_jobs))
     try:
         result = _run(adir, sweep, grid, cfg, loaded.explicit, n_seeds, n_jobs, quality, config_file, env,
-                      print_commands, rep)
+                      print_commands, rep, method_grid)
     except BaseException as e:
         adir.set_status("interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
                         f"{type(e).__name__}: {e}")
@@ -525,8 +589,11 @@ def _prerequisites(adir: Run, sweep: Sweep, cfg: Config, points: list[Point], qu
     meta_links: dict[str, str] = {}
     with rep:
         if sweep.stage == "ssl":
-            g = resolve_quality(adir, cfg, quality, config_file, env, rep)
-            extra, meta_links["quality_run"] = ["--quality", g], g
+            # a g is trained only when a point needs one (QW, QAR); else one found gives the quality columns
+            need = any(needs_g(p.sets, cfg) for p in points)
+            g = resolve_quality(adir, cfg, quality, config_file, env, rep, train=need)
+            if g:
+                extra, meta_links["quality_run"] = ["--quality", g], g
         elif cfg.corrupt.p_weak > 0 or sweep.name == "p-weak":
             w = resolve_weak(adir, cfg, config_file, env, rep)
             for p in points:
@@ -559,7 +626,7 @@ def _run_parallel(todo: list[Point], work: Callable[[Point], Point], n_jobs: int
 
 def _run(adir: Run, sweep: Sweep, grid: list[str], cfg: Config, explicit: dict[str, str], n_seeds: int,
          n_jobs: int, quality: str | None, config_file: Path, env: dict[str, str], print_commands: bool,
-         rep: Reporter) -> AblateResult:
+         rep: Reporter, method_grid: list[str] = ("",)) -> AblateResult:
     """Run (or print) the unfinished points of a sweep, gather the finished ones, write the table."""
     count_cache: list[int] = []
 
@@ -568,13 +635,18 @@ def _run(adir: Run, sweep: Sweep, grid: list[str], cfg: Config, explicit: dict[s
             count_cache.append(_unlabeled_count(cfg))
         return count_cache[0]
 
-    points = [Point(v, cfg.seed + i, adir.path / "points" / slug(v) / f"seed{cfg.seed + i}",
-                    point_sets(sweep, v, cfg, explicit, unlabeled_count))
-              for v in grid for i in range(n_seeds)]
+    def make(v: str, m: str, seed: int) -> Point:
+        if not m:
+            return Point(v, seed, adir.path / "points" / slug(v) / f"seed{seed}",
+                         point_sets(sweep, v, cfg, explicit, unlabeled_count))
+        return Point(v, seed, adir.path / "points" / slug(v) / slug(m) / f"seed{seed}", labels_sets(v, m, cfg),
+                     method=m)
+
+    points = [make(v, m, cfg.seed + i) for v in grid for m in method_grid for i in range(n_seeds)]
     states = {id(p): point_state(p) for p in points}
     todo = [p for p in points if states[id(p)] in ("fresh", "resumable")]
     extra = _prerequisites(adir, sweep, cfg, points, quality, config_file, env, rep) if todo else []
-    adir.update_meta(values=grid, seeds=n_seeds)
+    adir.update_meta(values=grid, seeds=n_seeds, **({"methods": method_grid} if sweep.methods else {}))
     cwd = os.getcwd()
     commands: list[str] = []
     for p in points:
@@ -593,7 +665,7 @@ def _run(adir: Run, sweep: Sweep, grid: list[str], cfg: Config, explicit: dict[s
     def work(p: Point) -> Point:
         resume = point_state(p) == "resumable"
         cmd = stage_command(sweep.stage, config_file, p.path, p.sets, p.seed, extra, resume=resume)
-        rc, last = _run_child(cmd, adir.path / "logs" / f"{slug(p.value)}-seed{p.seed}.log", env)
+        rc, last = _run_child(cmd, adir.path / "logs" / p.log_name, env)
         if rc == 0 and point_state(p) == "completed":
             gather(p, sweep)
         else:
@@ -607,10 +679,11 @@ def _run(adir: Run, sweep: Sweep, grid: list[str], cfg: Config, explicit: dict[s
     write_table(adir, sweep, rows)
     bad = [p for p in points if p.status != "completed"]
     summary = {"run": str(adir.path), "stage": STAGE, "sweep": sweep.name, "key": sweep.key, "values": grid,
+               **({"methods": list(method_grid)} if sweep.methods else {}),
                "seeds": n_seeds, "points": len(points), "failed": len(bad), "rows": rows,
                "quality_run": adir.meta.get("quality_run", ""), "weak_run": adir.meta.get("weak_run", ""),
-               "failures": [{"value": p.value, "seed": p.seed, "status": p.status, "reason": p.reason,
-                             "point": str(p.path)} for p in bad]}
+               "failures": [{"value": p.value, **({"method": p.method} if p.method else {}), "seed": p.seed,
+                             "status": p.status, "reason": p.reason, "point": str(p.path)} for p in bad]}
     adir.write_summary(summary)
     if bad:
         adir.set_status("failed", f"{len(bad)} of {len(points)} points did not complete")
@@ -623,26 +696,64 @@ def _run(adir: Run, sweep: Sweep, grid: list[str], cfg: Config, explicit: dict[s
 # the table
 # ---------------------------------------------------------------------------------------------
 def table_rows(sweep: Sweep, grid: list[str], points: list[Point]) -> list[dict[str, Any]]:
-    """One row per grid value: mean and standard error over the completed seeds of each metric."""
+    """One row per grid value (labels: per value and method): mean and standard error over the
+    completed seeds of each metric, and for a paired sweep the mean +- s.e. over seeds of the
+    DSC difference to the row it is compared with (:func:`baseline_of`) at the same seed."""
     rows = []
-    for v in grid:
-        pts = [p for p in points if p.value == v]
+    keys = list(dict.fromkeys((p.value, p.method) for p in points)) or [(v, "") for v in grid]
+    keys.sort(key=lambda k: grid.index(k[0]) if k[0] in grid else len(grid))
+    for v, m in keys:
+        pts = [p for p in points if p.value == v and p.method == m]
         done = [p for p in pts if p.status == "completed"]
-        row: dict[str, Any] = {"value": v, "seeds": len(done), "of": len(pts)}
+        row: dict[str, Any] = {"value": v}
+        if sweep.methods:
+            row["method"] = m
+        row.update({"seeds": len(done), "of": len(pts)})
         if sweep.name == "unlabeled-size":
             row["M"] = _m_of(pts)
         for key, col in sweep.metrics:
-            m, se = mean_se([_num(p.summary.get(key)) for p in done])
-            row[f"{col}_mean"], row[f"{col}_se"] = m, se
+            m_, se = mean_se([_num(p.summary.get(key)) for p in done])
+            row[f"{col}_mean"], row[f"{col}_se"] = m_, se
         if sweep.e_val96:
-            m, se = mean_se([p.extra.get("e_val96", math.nan) for p in done])
-            row["e_val96_mean"], row["e_val96_se"] = m, se
+            m_, se = mean_se([p.extra.get("e_val96", math.nan) for p in done])
+            row["e_val96_mean"], row["e_val96_se"] = m_, se
+        if sweep.paired:
+            row.update(_paired(sweep, v, m, done, points, grid))
+        if sweep.paired == "zero" and is_zero(v) and pts:  # what the 0 point ran, e.g. "0 (sup)"
+            ran = next((x.split("=", 1)[1] for x in pts[0].sets if x.startswith("ssl.method=")), "")
+            row["label"] = f"{v} ({ran})" if ran else v
         states = [p.status for p in pts]
         row["status"] = ("ok" if all(s == "completed" for s in states) else
                          ", ".join(f"{states.count(s)} {s}" for s in ("failed", "running", "pending") if s in states))
         row["failures"] = "; ".join(f"seed {p.seed}: {p.reason}" for p in pts if p.status != "completed")
         rows.append(row)
     return rows
+
+
+def baseline_of(sweep: Sweep, value: str, method: str, grid: list[str]) -> tuple[str, str] | None:
+    """The (value, method) row a row is compared with: sup at the same value (labels), the sup row
+    (method), the 0 value (lambda sweeps); None for the baseline itself or when it is not in the grid."""
+    if sweep.paired == "sup" and sweep.methods:
+        return None if method == "sup" else (value, "sup")
+    if sweep.paired == "sup":
+        return None if value == "sup" or "sup" not in grid else ("sup", "")
+    if sweep.paired == "zero":
+        zero = next((v for v in grid if is_zero(v)), None)
+        return None if zero is None or value == zero else (zero, "")
+    return None
+
+
+def _paired(sweep: Sweep, value: str, method: str, done: list[Point], points: list[Point],
+            grid: list[str]) -> dict[str, Any]:
+    """dDSC_mean / dDSC_se / pairs: DSC minus the baseline row's DSC, paired by seed."""
+    key = baseline_of(sweep, value, method, grid)
+    diffs = []
+    if key is not None:
+        base = {p.seed: p for p in points if (p.value, p.method) == key and p.status == "completed"}
+        diffs = [_num(p.summary.get("test_dsc")) - _num(base[p.seed].summary.get("test_dsc"))
+                 for p in done if p.seed in base]
+    m, se = mean_se(diffs)
+    return {"dDSC_mean": m, "dDSC_se": se, "pairs": len(diffs)}
 
 
 def _m_of(points: list[Point]) -> Any:
@@ -674,14 +785,27 @@ def _digits(col: str) -> int:
     return 1 if col == "e_val96" else 4
 
 
+def paired_header(sweep: Sweep) -> str:
+    return "Δ DSC vs " + ("sup" if sweep.paired == "sup" else "0") + " (paired)"
+
+
+def _delta(r: dict[str, Any]) -> str:
+    if not r.get("pairs"):
+        return "-"
+    return f"{r['dDSC_mean']:+.4f} ± {r['dDSC_se']:.4f} ({r['pairs']})"
+
+
 def display_rows(sweep: Sweep, rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    head = [sweep.name] + (["M"] if sweep.name == "unlabeled-size" else []) + ["seeds"]
-    head += metric_columns(sweep) + ["status"]
+    head = ([sweep.name] + (["method"] if sweep.methods else []) + (["M"] if sweep.name == "unlabeled-size" else [])
+            + ["seeds"])
+    head += metric_columns(sweep) + ([paired_header(sweep)] if sweep.paired else []) + ["status"]
     body = []
     for r in rows:
-        line = [str(r["value"])] + ([str(r["M"])] if sweep.name == "unlabeled-size" else [])
+        line = [str(r.get("label", r["value"]))] + ([r["method"]] if sweep.methods else [])
+        line += [str(r["M"])] if sweep.name == "unlabeled-size" else []
         line.append(f"{r['seeds']}/{r['of']}")
         line += [_pm(r[f"{c}_mean"], r[f"{c}_se"], _digits(c)) for c in metric_columns(sweep)]
+        line += [_delta(r)] if sweep.paired else []
         line.append(r["status"])
         body.append(line)
     return head, body
@@ -689,9 +813,11 @@ def display_rows(sweep: Sweep, rows: list[dict[str, Any]]) -> tuple[list[str], l
 
 def write_table(adir: Run, sweep: Sweep, rows: list[dict[str, Any]]) -> None:
     """table.csv (numbers) and table.md (mean ± s.e.) in the ablate directory."""
-    cols = ["value"] + (["M"] if sweep.name == "unlabeled-size" else []) + ["seeds", "of"]
+    cols = (["value"] + (["method"] if sweep.methods else []) + (["M"] if sweep.name == "unlabeled-size" else [])
+            + ["seeds", "of"])
     for c in metric_columns(sweep):
         cols += [f"{c}_mean", f"{c}_se"]
+    cols += ["dDSC_mean", "dDSC_se", "pairs"] if sweep.paired else []
     cols += ["status", "failures"]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -700,7 +826,9 @@ def write_table(adir: Run, sweep: Sweep, rows: list[dict[str, Any]]) -> None:
         w.writerow([("" if isinstance(r[c], float) and math.isnan(r[c]) else r[c]) for c in cols])
     atomic_write_text(adir.path / "table.csv", buf.getvalue())
     head, body = display_rows(sweep, rows)
-    md = [f"# ablate {sweep.name}", "", f"{sweep.help}; mean ± standard error over seeds.", "",
+    paired = (f" {paired_header(sweep)}: the mean ± s.e. over seeds of each seed's DSC minus the "
+              f"{'sup row' if sweep.paired == 'sup' else '0 row'}'s at that seed (number of pairs)." if sweep.paired else "")
+    md = [f"# ablate {sweep.name}", "", f"{sweep.help}; mean ± standard error over seeds.{paired}", "",
           "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     md += ["| " + " | ".join(x.replace("|", "\\|") for x in line) + " |" for line in body]
     atomic_write_text(adir.path / "table.md", "\n".join(md) + "\n")

@@ -538,8 +538,9 @@ def evaluate(
 @app.command(cls=_Command)
 @command
 def ablate(
-    name: Annotated[str, typer.Argument(help="lambda-qar, lambda-qw, p-weak, k, backbone, arch, unlabeled-size or method.")],
+    name: Annotated[str, typer.Argument(help="lambda-qar, lambda-qw, p-weak, k, backbone, arch, unlabeled-size, method or labels.")],
     values: Annotated[Optional[str], typer.Option("--values", help="Comma-separated grid (default: the sweep's own grid).")] = None,
+    methods: Annotated[Optional[str], typer.Option("--methods", help="labels sweep: comma-separated methods at every label budget, NAME or NAME+qw (default: sup,pl,mt).")] = None,
     seeds: Annotated[Optional[int], typer.Option("--seeds", help="Seeds per value (default: ablate.seeds).")] = None,
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Points run in parallel processes (default: ablate.jobs).")] = None,
     quality_run: QualityOpt("train-quality run for the ssl points (default: reuse / newest / train one).") = None,
@@ -559,7 +560,8 @@ def ablate(
 
     try:
         res = run_ablate(ctx.loaded, name, values=values, seeds=seeds, jobs=jobs, out=out, quality=quality_run,
-                         print_commands=print_commands, reporter=Reporter(quiet=quiet), resume=resume)
+                         print_commands=print_commands, reporter=Reporter(quiet=quiet), resume=resume,
+                         methods=methods)
     except KeyboardInterrupt:
         print("qgseg: interrupted; the running points stopped resumably: rerun the same command to continue",
               file=sys.stderr)

@@ -11,7 +11,18 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from qgseg.ablate import SWEEPS, Point, gather, parse_values, point_sets, point_state, slug, table_rows
+from qgseg.ablate import (
+    SWEEPS,
+    Point,
+    gather,
+    labels_sets,
+    needs_g,
+    parse_values,
+    point_sets,
+    point_state,
+    slug,
+    table_rows,
+)
 from qgseg.cli import app
 from qgseg.config import Config
 from qgseg.metrics import mean_se
@@ -128,11 +139,79 @@ def test_print_commands_run_gather_failure_and_rerun(env):
     assert sum("ssl.method=qar" in ln and "ssl.qar_weight=0.01" in ln for ln in lines) == 2
 
 
+SSL_TINY = ["data.unlabeled=data/labeled/images", "model.arch=unet", "model.encoder=tu-mobilenetv3_small_050",
+            "train.epochs=1", "train.steps_per_epoch=1", "train.batch_size=4", "train.batch_size_unlabeled=4",
+            "ssl.warmup=0", "ssl.rampup=0", "ssl.qar_warmup=0", "ssl.qar_rampup=0"]
+
+
+def _sets(items: list[str]) -> list[str]:
+    return [x for item in items for x in ("--set", item)]
+
+
+def test_labels_grid_and_zero_points_end_to_end(env):
+    """ablate labels: budgets x methods x seeds as points/<budget>/<method>/seed<k>, no g trained
+    when no point needs one, resumable; lambda-qar runs its 0 point (sup) beside a QAR point."""
+    out = env / "labels"
+    args = ["labels", "--values", "4", "--methods", "sup,pl", "--seeds", "1", "--out", out, "--json",
+            *_sets(SSL_TINY + ["runs_root=runs-labels"])]
+    res = _ablate(env, *args)
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout)
+    assert s["methods"] == ["sup", "pl"] and s["failed"] == 0 and s["quality_run"] == ""
+    assert not (out / "prereq").exists()  # sup and pl need no g
+    for m in ("sup", "pl"):
+        summ = json.loads((out / "points" / "4" / m / "seed0" / "summary.json").read_text())
+        assert summ["method"] == m and summ["n_train"] == 4  # data.max_labeled = 4
+    rows = {(r["value"], r["method"]): r for r in s["rows"]}
+    assert set(rows) == {("4", "sup"), ("4", "pl")} and rows[("4", "pl")]["pairs"] == 1
+    sup_dsc = json.loads((out / "points" / "4" / "sup" / "seed0" / "summary.json").read_text())["test_dsc"]
+    pl_dsc = json.loads((out / "points" / "4" / "pl" / "seed0" / "summary.json").read_text())["test_dsc"]
+    assert rows[("4", "pl")]["dDSC_mean"] == pytest.approx(pl_dsc - sup_dsc)
+    with open(out / "table.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [(r["value"], r["method"], r["pairs"]) for r in table] == [("4", "sup", "0"), ("4", "pl", "1")]
+    assert "Δ DSC vs sup" in (out / "table.md").read_text()
+    # the same command again runs nothing
+    before = _mtimes(out / "points")
+    res = _ablate(env, *args)
+    assert res.exit_code == 0 and _mtimes(out / "points") == before, res.output
+
+    # lambda-qar with its 0 point: sup without QAR beside qar at 0.01 (which needs g: trained once)
+    out = env / "lqar"
+    res = _ablate(env, "lambda-qar", "--values", "0,0.01", "--seeds", "1", "--out", out, "--json",
+                  *_sets(SSL_TINY + ["quality.epochs=1", "runs_root=runs-lqar"]))
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout)
+    zero = json.loads((out / "points" / "0" / "seed0" / "summary.json").read_text())
+    qar = json.loads((out / "points" / "0.01" / "seed0" / "summary.json").read_text())
+    assert (zero["method"], zero["qar_weight"]) == ("sup", 0.0) and (qar["method"], qar["qar_weight"]) == ("qar", 0.01)
+    assert s["quality_run"] and Path(s["quality_run"]) == (out / "prereq" / "train-quality").resolve()
+    assert s["rows"][1]["dDSC_mean"] == pytest.approx(qar["test_dsc"] - zero["test_dsc"])
+    assert "0 (sup)" in (out / "table.md").read_text()
+
+
+def test_method_grid_at_a_label_budget(env):
+    """ablate method --set data.max_labeled=N: every point runs at that budget (through the ablate's
+    config.toml), and the table pairs each row with sup."""
+    out = env / "method14"
+    res = _ablate(env, "method", "--values", "sup,mt", "--seeds", "2", "--print-commands", "--out", out,
+                  *_sets(SSL_TINY + ["data.max_labeled=14", "runs_root=runs-method14"]))
+    assert res.exit_code == 0, res.output
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 4 and all(f"--config {out.resolve() / 'config.toml'}" in ln for ln in lines)
+    assert "max_labeled = 14" in (out / "config.toml").read_text()
+    assert not (out / "prereq").exists()  # sup and mt need no g
+
+
 def test_unknown_sweep_and_bad_options(env):
     res = _ablate(env, "dropout")
     assert res.exit_code == 2 and "lambda-qar" in res.stderr
     res = _ablate(env, "k", "--values", "2,2")
     assert res.exit_code == 2 and "twice" in res.stderr
+    res = _ablate(env, "k", "--methods", "sup,pl")
+    assert res.exit_code == 2 and "--methods" in res.stderr and "labels" in res.stderr
+    res = _ablate(env, "labels", "--methods", "sup,sup")
+    assert res.exit_code == 2 and "--methods" in res.stderr and "twice" in res.stderr
 
 
 def test_value_translation():
@@ -150,6 +229,77 @@ def test_value_translation():
     rows = SWEEPS["method"].default
     assert rows[0] == "sup" and rows[-1] == "qar" and "pl+qw" in rows and "cps+qw" in rows and len(rows) == 18
     assert slug("25%") == "25pct" and parse_values(None, SWEEPS["k"]) == list(SWEEPS["k"].default)
+
+
+def test_zero_points_and_labels_translation():
+    """The weight sweeps' 0 point is the base method with the term off; labels points set a budget."""
+    cfg, n = Config(), (lambda: 40)
+    assert SWEEPS["lambda-qar"].default[0] == "0" and SWEEPS["lambda-qw"].default[0] == "0"
+    assert point_sets(SWEEPS["lambda-qar"], "0", cfg, {}, n) == ["ssl.method=sup", "ssl.qar_weight=0.0"]
+    mt = cfg.replace(**{"ssl.method": "mt"})
+    assert point_sets(SWEEPS["lambda-qar"], "0.0", mt, {"ssl.method": "option"}, n) == ["ssl.method=mt",
+                                                                                        "ssl.qar_weight=0.0"]
+    qar = cfg.replace(**{"ssl.method": "qar"})
+    assert point_sets(SWEEPS["lambda-qar"], "0", qar, {"ssl.method": "option"}, n)[0] == "ssl.method=sup"
+    assert point_sets(SWEEPS["lambda-qw"], "0", cfg, {}, n) == ["ssl.method=sup", "ssl.qw=false",
+                                                                "ssl.lambda_final=0.0"]
+    assert point_sets(SWEEPS["lambda-qw"], "0.25", cfg, {}, n)[-1] == "ssl.lambda_final=0.25"
+    assert labels_sets("14", "pl+qw", cfg) == ["ssl.method=pl", "ssl.qw=true", "ssl.qar_weight=0.0",
+                                               "data.max_labeled=14"]
+    assert labels_sets("28", "qar", cfg) == ["ssl.method=qar", "ssl.qw=false", "ssl.qar_weight=0.01",
+                                             "data.max_labeled=28"]
+    assert SWEEPS["labels"].default == ("14", "28", "70") and SWEEPS["labels"].methods == ("sup", "pl", "mt")
+    # g is trained for a sweep only when a point needs it
+    assert not needs_g(labels_sets("14", "mt", cfg), cfg) and needs_g(labels_sets("14", "mt+qw", cfg), cfg)
+    assert needs_g(["ssl.qar_weight=0.01"], cfg) and not needs_g(["ssl.qar_weight=0.0"], cfg)
+    assert needs_g(["ssl.qar_weight=lots"], cfg)
+
+
+def _done(tmp_path: Path, value: str, method: str, seed: int, dsc: float, sets=()) -> Point:
+    p = Point(value, seed, tmp_path / value / method / f"seed{seed}", list(sets), method=method)
+    p.status, p.summary = "completed", {"test_dsc": dsc, "test_iou": dsc - 0.1}
+    return p
+
+
+def test_paired_differences_in_the_tables(tmp_path):
+    """labels: each method's DSC per budget and its difference to sup at the same budget and seed;
+    method: to the sup row; lambda sweeps: to the 0 row. Unpaired seeds are left out."""
+    dsc = {("14", "sup"): [0.60, 0.70, 0.65], ("14", "pl"): [0.66, 0.71, None], ("28", "sup"): [0.80, 0.82, 0.81],
+           ("28", "pl"): [0.79, 0.84, 0.81]}
+    points = []
+    for (v, m), values in dsc.items():
+        for seed, d in enumerate(values):
+            if d is None:
+                points.append(Point(v, seed, tmp_path / "x", [], status="failed", reason="exit 1: boom", method=m))
+            else:
+                points.append(_done(tmp_path, v, m, seed, d))
+    rows = {(r["value"], r["method"]): r for r in table_rows(SWEEPS["labels"], ["14", "28"], points)}
+    assert list(rows) == [("14", "sup"), ("14", "pl"), ("28", "sup"), ("28", "pl")]
+    assert rows[("14", "pl")]["dDSC_mean"] == pytest.approx(0.035) and rows[("14", "pl")]["pairs"] == 2
+    assert rows[("14", "pl")]["dDSC_se"] == pytest.approx(mean_se([0.06, 0.01])[1])
+    assert rows[("14", "pl")]["status"] == "1 failed" and rows[("14", "pl")]["DSC_mean"] == pytest.approx(0.685)
+    assert rows[("28", "pl")]["dDSC_mean"] == pytest.approx(mean_se([-0.01, 0.02, 0.0])[0])
+    assert rows[("14", "sup")]["pairs"] == 0 and math.isnan(rows[("14", "sup")]["dDSC_mean"])
+    from qgseg.ablate import display_rows
+
+    head, body = display_rows(SWEEPS["labels"], list(rows.values()))
+    assert head[:3] == ["labels", "method", "seeds"] and head[-2] == "Δ DSC vs sup (paired)"
+    assert body[1][-2] == "+0.0350 ± 0.0250 (2)" and body[0][-2] == "-"
+
+    # the method sweep pairs with its sup row, the lambda sweeps with their 0 row ("0 (sup)")
+    pts = [Point(v, s, tmp_path / v, [], method="") for v in ("sup", "mt") for s in (0, 1)]
+    for p, d in zip(pts, (0.5, 0.6, 0.55, 0.62)):
+        p.status, p.summary = "completed", {"test_dsc": d}
+    rows = table_rows(SWEEPS["method"], ["sup", "mt"], pts)
+    assert rows[1]["dDSC_mean"] == pytest.approx(0.035) and rows[0]["pairs"] == 0
+    zero = [Point(v, 0, tmp_path / v, ["ssl.method=sup"] if v == "0" else ["ssl.method=qar"]) for v in ("0", "0.01")]
+    for p, d in zip(zero, (0.5, 0.53)):
+        p.status, p.summary = "completed", {"test_dsc": d}
+    rows = table_rows(SWEEPS["lambda-qar"], ["0", "0.01"], zero)
+    assert rows[1]["dDSC_mean"] == pytest.approx(0.03) and rows[0]["label"] == "0 (sup)"
+    assert display_rows(SWEEPS["lambda-qar"], rows)[1][0][0] == "0 (sup)"
+    # without its baseline in the grid a sweep has no pairs
+    assert table_rows(SWEEPS["lambda-qar"], ["0.01"], zero[1:])[0]["pairs"] == 0
 
 
 def test_e_val96_from_the_points_metrics(tmp_path):
