@@ -183,6 +183,9 @@ def test_splits_csv_overrides(tmp_path):
     # a spreadsheet's UTF-8 BOM and comment lines are fine
     (tmp_path / "splits.csv").write_bytes("\ufeffstem,split\n# note\na,train\nc,val\nd,test\n".encode("utf-8"))
     assert D.make_splits(stems, seed=0, root=tmp_path) == {"train": ["a"], "val": ["c"], "test": ["d"]}
+    # a comment before the header (as in the shared CVC-ClinicDB splits.csv)
+    (tmp_path / "splits.csv").write_text("# split by video\nstem,split\na,train\nc,val\nd,test\n")
+    assert D.make_splits(stems, seed=0, root=tmp_path) == {"train": ["a"], "val": ["c"], "test": ["d"]}
 
 
 @pytest.mark.parametrize("text, match", [
@@ -191,6 +194,7 @@ def test_splits_csv_overrides(tmp_path):
     ("a,train\nb,train\nc,train\n", r"val split is empty"),
     ("a,train\nb\nc,test\n", r"expected 'stem,split'"),
     ("a,train\nb,val\nc,test\na,test\n", r"'a'.*more than once"),
+    ("a,train\nstem,split\nc,test\n", r"split 'split'"),  # a header only before the first row
 ])
 def test_splits_csv_errors(tmp_path, text, match):
     (tmp_path / "splits.csv").write_text(text)
