@@ -219,14 +219,17 @@ def run_demo(loaded: Loaded, out: Path | str | None = None, n_labeled: int = N_L
         timings["evaluate"] = time.time() - t
         ui.end(f"evaluated {len(ssl_runs)} ssl runs on their test split ({timings['evaluate']:.1f} s)")
 
+    first = ssl_runs[0][2].summary if ssl_runs else {}
     summary: dict[str, Any] = {
         "out": str(out), "data": str(data), "image_size": base.data.image_size,
         "n_labeled": n_labeled, "n_unlabeled": n_unlabeled,
+        "n_train": first.get("n_train"), "n_test": first.get("n_test"),
         "weak_run": str(weak_run.path), "quality_run": str(q_run.path),
         "quality_test_mae": q_sum.get("test_mae"), "quality_test_pearson": q_sum.get("test_pearson"),
-        "rows": table, "seconds": round(time.time() - t_start, 1),
+        "rows": paired_to_sup(table), "seconds": round(time.time() - t_start, 1),
         "stage_seconds": {k: round(v, 1) for k, v in timings.items()},
     }
+    summary["reading"] = reading(summary)
     summary = json_ready(summary)
     _write_outputs(out, summary)
     return summary
@@ -244,6 +247,45 @@ def _row(method: str, qw: bool, run: Run, ev: dict[str, Any]) -> dict[str, Any]:
             "eval": ev.get("out", "")}
 
 
+def _case_dsc(run_dir: str) -> dict[str, float]:
+    """stem -> test DSC of an ssl run (its test_cases.csv)."""
+    with open(Path(run_dir) / "test_cases.csv", newline="", encoding="utf-8") as f:
+        return {r["stem"]: float(r["dsc"]) for r in csv.DictReader(f) if r.get("dsc") not in ("", None)}
+
+
+def paired_to_sup(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each row with d_dsc / d_dsc_se: the mean and s.e. over test images of its DSC minus the
+    supervised row's DSC on the same image (NaN for the supervised row, or without one)."""
+    from qgseg.metrics import mean_se
+
+    sup = next((r for r in rows if r["method"] == "sup" and not r["qw"]), None)
+    base = _case_dsc(sup["run"]) if sup is not None else {}
+    out = []
+    for r in rows:
+        diffs = []
+        if r is not sup and base:
+            mine = _case_dsc(r["run"])
+            diffs = [mine[k] - base[k] for k in base if k in mine and not math.isnan(mine[k] - base[k])]
+        m, se = mean_se(diffs)
+        out.append({**r, "d_dsc": m, "d_dsc_se": se})
+    return out
+
+
+def reading(summary: dict[str, Any]) -> str:
+    """One line on what the demo's numbers mean, from the numbers."""
+    rows = [r for r in summary["rows"] if isinstance(r.get("d_dsc"), float) and not math.isnan(r["d_dsc"])]
+    if not rows:
+        return "No supervised row to compare with: each row's test DSC is one training seed on synthetic data."
+    bar = 2 * sorted(r["d_dsc_se"] for r in rows)[len(rows) // 2]
+    beyond = [f"{method_label(r['method'])}{'+QW' if r['qw'] else ''} {r['d_dsc']:+.3f}" for r in rows
+              if abs(r["d_dsc"]) > bar]
+    return (f"What the numbers mean: one training seed of f on {summary['n_train']} labeled + "
+            f"{summary['n_unlabeled']} unlabeled synthetic images; Δ DSC is a row's test DSC minus Supervised's on "
+            f"the same {summary['n_test']} test images, and |Δ| under ~{bar:.3f} (2 s.e.) is noise here "
+            f"(beyond it: {', '.join(beyond) or 'none'}); whether QW or QAR helps on real data takes seeds: "
+            "qgseg ablate labels (docs/results.md).")
+
+
 def method_label(name: str) -> str:
     """A method's name in tables (``Method.label``); an unknown name as it is."""
     from qgseg.methods import get_method, method_names
@@ -255,12 +297,16 @@ def display_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     def f(v: Any) -> float:
         return float(v) if isinstance(v, (int, float)) else math.nan
 
-    head = ["method", "QW", "test DSC", "test IoU", "test HD95 (px)", "r(g, DSC)", "run"]
+    def delta(r: dict[str, Any]) -> str:
+        d, se = f(r.get("d_dsc")), f(r.get("d_dsc_se"))
+        return "-" if math.isnan(d) else f"{d:+.4f} ± {se:.4f}"
+
+    head = ["method", "QW", "test DSC", "Δ DSC vs sup", "test IoU", "test HD95 (px)", "r(g, DSC)", "run"]
     body = []
     for r in summary["rows"]:
         corr = f(r["quality_pearson"])
         body.append([method_label(r["method"]), "✓" if r["qw"] else "",
-                     mean_se_str(f(r["dsc"]), f(r["dsc_se"])), mean_se_str(f(r["iou"]), f(r["iou_se"])),
+                     mean_se_str(f(r["dsc"]), f(r["dsc_se"])), delta(r), mean_se_str(f(r["iou"]), f(r["iou_se"])),
                      mean_se_str(f(r["hd95"]), f(r["hd95_se"]), 2), "-" if math.isnan(corr) else f"{corr:.3f}",
                      _relative(r["run"], summary["out"])])
     return head, body
@@ -268,11 +314,13 @@ def display_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def _write_outputs(out: Path, summary: dict[str, Any]) -> None:
     head, body = display_rows(summary)
-    md = ["# qgseg demo", "", f"Synthetic data at {summary['image_size']} px: {summary['n_labeled']} labeled, "
-          f"{summary['n_unlabeled']} unlabeled images. Test metrics: mean ± standard error over test cases.",
+    md = ["# qgseg demo", "", f"Synthetic data at {summary['image_size']} px: {summary['n_labeled']} labeled "
+          f"({summary['n_train']} of them train f and g), {summary['n_unlabeled']} unlabeled images. Test metrics: "
+          "mean ± standard error over test cases; Δ DSC vs sup: over the per-image differences.",
           f"g: {summary['quality_run']} ({_g_text(summary)}).", "",
           "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     md += ["| " + " | ".join(line) + " |" for line in body]
+    md += ["", summary.get("reading", "")]
     atomic_write_text(out / "table.md", "\n".join(md) + "\n")
     buf = io.StringIO()
     cols = list(summary["rows"][0]) if summary["rows"] else []
@@ -291,13 +339,14 @@ def render(summary: dict[str, Any]) -> Any:
 
     head, body = display_rows(summary)
     t = Table(title=f"qgseg demo: test results on synthetic data ({summary['image_size']} px; mean ± s.e. over "
-              "test cases)", caption="r(g, DSC): Pearson correlation of g(x, prediction) with the true DSC",
+              "test cases)", caption="Δ DSC vs sup: mean ± s.e. of the per-image difference to Supervised; "
+              "r(g, DSC): Pearson correlation of g(x, prediction) with the true DSC",
               header_style="bold")
     for h in head:
         t.add_column(h, justify="left" if h in ("method", "QW", "run") else "right", overflow="fold")
     for line in body:
         t.add_row(*line)
-    lines = [f"g (quality predictor): {summary['quality_run']}  {_g_text(summary)}",
+    lines = [summary.get("reading", ""), f"g (quality predictor): {summary['quality_run']}  {_g_text(summary)}",
              f"weak U-Net (Type 2 masks): {summary['weak_run']}",
              f"runs: {summary['out']}   table: {Path(summary['out']) / 'table.md'}   total {summary['seconds']:.0f} s"]
     return Group(t, *lines)

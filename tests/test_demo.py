@@ -1,6 +1,7 @@
 """`qgseg demo` end to end at a tiny scale (32 px, one epoch, one step per epoch)."""
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from typer.testing import CliRunner
 
 from qgseg.cli import app
 from qgseg.demo import DEMO_ROWS
+from qgseg.metrics import mean_se
 from qgseg.runs import Run
 
 ENCODER = "tu-mobilenetv3_small_050"
@@ -39,6 +41,15 @@ def test_demo_runs_the_whole_pipeline_and_reuses_it(tmp_path, monkeypatch):
     assert s["quality_run"] == str(quality.path.resolve())
 
     assert [(r["method"], r["qw"]) for r in s["rows"]] == list(DEMO_ROWS)
+    # the few-label regime: 8 of the 11 training images (the demo preset's data.max_labeled)
+    assert s["n_train"] == 8 and s["n_test"] == len(json.loads((Path(s["rows"][0]["run"]) / "splits.json").read_text())["test"])
+    sup = {r["stem"]: float(r["dsc"]) for r in csv.DictReader(open(Path(s["rows"][0]["run"]) / "test_cases.csv"))}
+    for r in s["rows"][1:]:  # each row's DSC minus sup's on the same test images
+        mine = {c["stem"]: float(c["dsc"]) for c in csv.DictReader(open(Path(r["run"]) / "test_cases.csv"))}
+        d, se = mean_se([mine[k] - sup[k] for k in sup])
+        assert r["d_dsc"] == pytest.approx(d) and r["d_dsc_se"] == pytest.approx(se)
+    assert s["rows"][0]["d_dsc"] is None  # Supervised is the reference
+    assert s["reading"].startswith("What the numbers mean:") and "noise" in s["reading"]
     for r in s["rows"]:
         run = Run(r["run"])
         summ = run.summary
@@ -55,7 +66,7 @@ def test_demo_runs_the_whole_pipeline_and_reuses_it(tmp_path, monkeypatch):
     res = CliRunner().invoke(app, ["evaluate", s["rows"][0]["run"], "--json"])
     assert res.exit_code == 0 and json.loads(res.stdout)["quality_run"] == s["quality_run"], res.output
     table = (out / "table.md").read_text()
-    assert table.count("| ssl/") == len(DEMO_ROWS) and "| MT | ✓ |" in table
+    assert table.count("| ssl/") == len(DEMO_ROWS) and "| MT | ✓ |" in table and s["reading"] in table
     assert (out / "table.csv").read_text().count("\n") == len(DEMO_ROWS) + 1
 
     # a second demo on the same folder reuses every completed run (nothing is trained again)
