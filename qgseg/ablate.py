@@ -826,8 +826,10 @@ def write_table(adir: Run, sweep: Sweep, rows: list[dict[str, Any]]) -> None:
         w.writerow([("" if isinstance(r[c], float) and math.isnan(r[c]) else r[c]) for c in cols])
     atomic_write_text(adir.path / "table.csv", buf.getvalue())
     head, body = display_rows(sweep, rows)
-    paired = (f" {paired_header(sweep)}: the mean ± s.e. over seeds of each seed's DSC minus the "
-              f"{'sup row' if sweep.paired == 'sup' else '0 row'}'s at that seed (number of pairs)." if sweep.paired else "")
+    base = ("sup's at the same value" if sweep.methods else "the sup row's" if sweep.paired == "sup"
+            else "the 0 row's")
+    paired = (f" {paired_header(sweep)}: the mean ± s.e. over seeds of each seed's DSC minus {base} at that "
+              "seed (number of pairs)." if sweep.paired else "")
     md = [f"# ablate {sweep.name}", "", f"{sweep.help}; mean ± standard error over seeds.{paired}", "",
           "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     md += ["| " + " | ".join(x.replace("|", "\\|") for x in line) + " |" for line in body]
