@@ -1,0 +1,352 @@
+"""``qgseg select``: rank unlabeled images for annotation, and measure the ranking by simulation.
+
+A strategy orders the images of a pool from most to least worth annotating:
+
+- ``quality``: lowest predicted quality g(x, f(x)) of the model's own prediction first (the
+  paper's "future work": annotate where g expects the segmenter to fail);
+- ``confidence``: lowest segmenter confidence first (mean margin |2p - 1| over its object and
+  uncertain rim, see :func:`qgseg.predict.confidence`);
+- ``agreement``: lowest agreement between the plain prediction and its flipped / rotated
+  re-predictions first;
+- ``random``: a seeded random order (the baseline every strategy must beat).
+
+:func:`run_simulation` (``qgseg select --simulate``) measures them: from a small seeded labeled
+subset of the training split, each strategy adds ``budget`` images per round from the rest of
+the training split (their masks revealed), ``sup`` is retrained, and its test DSC is recorded,
+for several seeds. Every training is an ordinary ssl run whose data folder is a view of the
+labeled set (symlinked ``images/`` and ``masks/``) with a ``splits.csv`` naming the round's
+training images, so each round can be inspected, evaluated or resumed like any other run.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from qgseg.errors import InputError
+
+log = logging.getLogger("qgseg")
+STRATEGIES = ("quality", "confidence", "agreement", "random")
+SIGNALS = ("quality", "confidence", "agreement")  # the score column each non-random strategy ranks by
+SHEET_PICKS = 12
+
+
+def check_strategy(strategy: str, option: str = "--strategy") -> str:
+    if strategy not in STRATEGIES:
+        raise InputError(f"{option} {strategy}: expected one of {', '.join(STRATEGIES)}")
+    return strategy
+
+
+def rank(table: pd.DataFrame, strategy: str, seed: int = 0) -> np.ndarray:
+    """Row positions of ``table`` from most to least worth annotating under ``strategy``.
+
+    Score strategies put the lowest score first (ties in table order); ``random`` is a
+    permutation seeded by ``seed``. A score strategy whose column has no values is an error.
+    """
+    check_strategy(strategy)
+    n = len(table)
+    if strategy == "random":
+        return np.random.default_rng(seed).permutation(n)
+    scores = table[strategy].to_numpy(dtype=float)
+    if n and np.isnan(scores).all():
+        why = {"quality": "no quality predictor g (pass --quality RUN)",
+               "agreement": "agreement needs --tta 2, 4 or 8"}.get(strategy, "no scores")
+        raise InputError(f"--strategy {strategy}: {why}")
+    return np.argsort(np.nan_to_num(scores, nan=np.inf), kind="stable")
+
+
+def pick(table: pd.DataFrame, strategy: str, budget: int, seed: int = 0) -> np.ndarray:
+    """The first ``budget`` rows of :func:`rank`."""
+    if budget < 1:
+        raise InputError(f"--budget {budget}: expected a number of images >= 1")
+    return rank(table, strategy, seed)[:budget]
+
+
+# ---------------------------------------------------------------------------------------------
+# `qgseg select --model RUN --unlabeled DIR --budget N`
+# ---------------------------------------------------------------------------------------------
+def run_select(loaded: Any, model_run: str | Path, unlabeled: str | Path, budget: int, strategy: str = "quality",
+               quality: str | None = None, out: str | Path | None = None, tta: int = 4,
+               checkpoint: str = "best") -> dict[str, Any]:
+    """Rank the images of ``unlabeled`` for annotation with the segmenter of ``model_run``.
+
+    Writes ``selection.csv`` (every image, best pick first: rank, stem, picked, quality,
+    confidence, agreement, foreground), ``picks.png`` (the picks with the model's prediction in
+    red) and ``summary.json`` into ``out`` (default ``runs/select/<timestamp>``).
+    """
+    from qgseg import plots
+    from qgseg.config import load_run_config
+    from qgseg.data import load_unlabeled
+    from qgseg.engine import resolve_device
+    from qgseg.predict import load_quality_for, load_segmenter, score_images
+    from qgseg.runs import atomic_write_text, new_run_dir, write_json
+
+    check_strategy(strategy)
+    if budget < 1:
+        raise InputError(f"--budget {budget}: expected a number of images >= 1")
+    if strategy == "agreement" and tta < 2:
+        raise InputError(f"--tta {tta}: the agreement strategy needs 2, 4 or 8 views")
+    model, run, ck_path = load_segmenter(model_run, checkpoint, option="--model")
+    size = load_run_config(run.path).data.image_size
+    device = resolve_device(loaded.config.device)
+    g, note = (None, "") if strategy in ("random", "confidence", "agreement") and not quality else \
+        load_quality_for(run, quality, loaded.config.runs_root)
+    if strategy == "quality" and g is None:
+        raise InputError(f"--strategy quality: {note}")
+    pool = load_unlabeled(unlabeled, size, loaded.config.data.cache_dir, option="--unlabeled")
+    probs, table = score_images(model.to(device), pool.images, device, g.to(device) if g is not None else None,
+                                views=tta)
+    order = rank(table, strategy, loaded.config.seed)
+    table.insert(0, "stem", pool.stems)
+    ranked = table.iloc[order].reset_index(drop=True)
+    ranked.insert(0, "rank", np.arange(1, len(ranked) + 1))
+    ranked.insert(2, "picked", ranked["rank"] <= budget)
+    out = Path(out) if out else new_run_dir(loaded.config.runs_root, "select", strategy)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "selection.csv", ranked.to_csv(index=False))
+    shown = order[:min(budget, SHEET_PICKS)]
+    masks = (probs > 0.5).astype(np.uint8)
+    labels = [f"#{i + 1} {pool.stems[j]}\n" + _score_label(table.iloc[j], strategy) for i, j in enumerate(shown)]
+    sheet = plots.overlay_montage(pool.images[shown], np.zeros_like(masks[shown]), masks[shown], labels,
+                                  out / "picks.png", per_row=4,
+                                  title=f"select {strategy}: the first {len(shown)} picks (red: the model's prediction)")
+    summary: dict[str, Any] = {
+        "out": str(out), "model": str(run.path), "checkpoint": ck_path.name, "unlabeled": str(unlabeled),
+        "strategy": strategy, "budget": budget, "pool": len(pool), "tta": tta, "seed": loaded.config.seed,
+        "quality_run": g.source if g is not None else "", "picked": [pool.stems[j] for j in order[:budget]],
+        "selection": str(out / "selection.csv"), "sheet": str(sheet),
+    }
+    if note and strategy != "quality":
+        summary["note"] = note
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _score_label(row: pd.Series, strategy: str) -> str:
+    parts = [f"{k[0]} {row[k]:.3f}" for k in SIGNALS if k in row and not pd.isna(row[k])]
+    return ", ".join(parts) if parts else strategy
+
+
+# ---------------------------------------------------------------------------------------------
+# `qgseg select --simulate`: a simulated annotation loop
+# ---------------------------------------------------------------------------------------------
+def data_view(root: Path, source: Path, splits: dict[str, Sequence[str]]) -> Path:
+    """A labeled folder ``root`` that shows ``source``'s images/ and masks/ (symlinks) with its own
+    splits.csv (stems not listed are unused). Returns ``root``."""
+    from qgseg.data import discover_labeled
+    from qgseg.runs import atomic_write_text
+
+    layout, pairs, problems = discover_labeled(source)
+    if problems:
+        raise InputError(f"{problems[0]} (run `qgseg inspect {source}`)")
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("images", "masks"):
+        link = root / name
+        target = (pairs[0].image if name == "images" else pairs[0].mask).parent.resolve()
+        if not link.exists():
+            os.symlink(target, link, target_is_directory=True)
+    lines = ["stem,split"] + [f"{s},{k}" for k in ("train", "val", "test") for s in sorted(splits[k])]
+    atomic_write_text(root / "splits.csv", "\n".join(lines) + "\n")
+    return root
+
+
+def _check_layout(source: Path) -> None:
+    from qgseg.data import discover_labeled
+
+    layout, pairs, problems = discover_labeled(source)
+    if problems:
+        raise InputError(f"{problems[0]} (run `qgseg inspect {source}`)")
+    if len({p.image.parent for p in pairs}) != 1 or len({p.mask.parent for p in pairs}) != 1:
+        raise InputError(f"--labeled {source}: --simulate needs one folder of images and one of masks "
+                         f"(found the {layout} layout with images in several folders)")
+
+
+def _train_sup(loaded: Any, cfg: Any, data_dir: Path, out: Path, seed: int) -> dict[str, Any]:
+    """One ``sup`` training on the view ``data_dir``: a completed run is read, an unfinished one resumed."""
+    from qgseg.config import Loaded
+    from qgseg.runs import Run
+    from qgseg.ssl import run_ssl
+
+    run = Run(out)
+    if run.status == "completed":
+        return run.summary
+    c = cfg.replace(**{"data.labeled": str(data_dir), "seed": seed, "ssl.method": "sup", "ssl.qw": False,
+                       "ssl.qar_weight": 0.0, "ssl.quality": ""})
+    _, summary = run_ssl(Loaded(c, {}, ""), out=out, resume=run.meta_path.is_file())
+    return summary
+
+
+def _train_g(cfg: Any, data_dir: Path, out: Path, seed: int) -> str:
+    """g trained on the initial labeled subset only (Type 1 corruptions: no weak run)."""
+    from qgseg.config import Loaded
+    from qgseg.phase1 import run_train_quality
+    from qgseg.runs import Run
+
+    run = Run(out)
+    if run.status != "completed":
+        c = cfg.replace(**{"data.labeled": str(data_dir), "seed": seed, "corrupt.p_weak": 0.0, "corrupt.run": "",
+                           "weak.run": ""})
+        run_train_quality(Loaded(c, {}, ""), out=out, resume=run.meta_path.is_file())
+    return str(out)
+
+
+def _score_pool(run_dir: Path, data: Any, pool: list[str], g: Any, tta: int, device: Any) -> pd.DataFrame:
+    """Scores of the round's model on the pool, with the (hidden until picked) true Dice."""
+    import torch
+
+    from qgseg.metrics import dice_per_sample
+    from qgseg.predict import load_segmenter, score_images
+
+    model, _, _ = load_segmenter(run_dir, "best")
+    sub = data.subset(pool)
+    probs, table = score_images(model.to(device), sub.images, device, g, views=tta)
+    table.insert(0, "stem", pool)
+    table["true_dice"] = dice_per_sample(torch.from_numpy(probs > 0.5), torch.from_numpy(sub.masks.astype(bool))).numpy()
+    return table
+
+
+def run_simulation(loaded: Any, labeled: str | Path, out: str | Path | None = None, initial: int = 10,
+                   budget: int = 10, rounds: int = 2, seeds: int = 3, strategies: Sequence[str] = STRATEGIES,
+                   tta: int = 4, reporter: Any = None) -> dict[str, Any]:
+    """The simulated annotation loop (see the module docstring). Resumable: rerun to continue.
+
+    Layout of ``out``: ``seed<k>/round0`` (the shared start: data view + ssl run),
+    ``seed<k>/g`` (train-quality on the initial subset; only for the quality strategy),
+    ``seed<k>/<strategy>/round<r>`` (``picks.csv`` with every pool image's scores and true Dice,
+    the data view and the ssl run). ``results.csv`` has one row per seed, strategy and round;
+    ``summary.json`` the mean ± s.e. over seeds and each strategy's gain over random.
+    """
+    from qgseg.config import load_run_config  # noqa: F401 - keeps config errors before any training
+    from qgseg.data import load_labeled, make_splits
+    from qgseg.engine import resolve_device
+    from qgseg.quality import QualityPredictor
+    from qgseg.runs import atomic_write_text, read_json, write_json
+
+    for s in strategies:
+        check_strategy(s, "--strategies")
+    if not strategies:
+        raise InputError("--strategies: name at least one strategy")
+    if initial < 2:
+        raise InputError(f"--initial {initial}: expected at least 2 labeled images (BatchNorm needs two)")
+    if budget < 1 or rounds < 1 or seeds < 1:
+        raise InputError("--budget, --rounds and --seeds must be at least 1")
+    if "agreement" in strategies and tta < 2:
+        raise InputError(f"--tta {tta}: the agreement strategy needs 2, 4 or 8 views")
+    cfg = loaded.config
+    source = Path(labeled)
+    _check_layout(source)
+    data = load_labeled(source, cfg.data.image_size, cfg.data.cache_dir)
+    base = make_splits(data.stems, cfg.data.split_seed, data.root)
+    train = list(base["train"])
+    need = initial + budget * rounds
+    if need > len(train):
+        raise InputError(f"--initial {initial} + --rounds {rounds} x --budget {budget} = {need} images, but the "
+                         f"training split of {source} has {len(train)}")
+    out = Path(out) if out else Path(cfg.runs_root) / "select-simulate" / source.resolve().name
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.replace(runs_root=str(out.resolve()))  # no train-quality run of elsewhere joins the val columns
+    settings = {"labeled": str(source.resolve()), "image_size": cfg.data.image_size, "initial": initial,
+                "budget": budget, "rounds": rounds, "tta": tta, "split_seed": cfg.data.split_seed}
+    spath = out / "simulate.json"
+    if spath.is_file():
+        old = read_json(spath)
+        differ = [k for k in settings if old.get(k) != settings[k]]
+        if differ:
+            raise InputError(f"--out {out}: holds a simulation with {differ[0]} = {old.get(differ[0])!r}, not "
+                             f"{settings[differ[0]]!r}; choose another folder")
+    write_json(spath, settings)
+    device = resolve_device(cfg.device)
+    results: list[dict[str, Any]] = []
+    for seed in range(seeds):
+        sd = out / f"seed{seed}"
+        rng = np.random.default_rng(seed)
+        start = sorted(train[i] for i in rng.permutation(len(train))[:initial])
+        view = lambda d, tr: data_view(d / "data", source, {"train": tr, "val": base["val"], "test": base["test"]})  # noqa: E731
+        log.info("seed %d: round 0 (%d labeled images)", seed, len(start))
+        s0 = _train_sup(loaded, cfg, view(sd / "round0", start), sd / "round0" / "run", seed)
+        for strategy in strategies:
+            results.append(_row(seed, strategy, 0, len(start), s0, sd / "round0" / "run"))
+        g = None
+        if "quality" in strategies:
+            log.info("seed %d: g on the %d initial images", seed, len(start))
+            g = QualityPredictor.from_run(_train_g(cfg, view(sd / "g", start), sd / "g" / "run", seed)).to(device)
+        for strategy in strategies:
+            labeled_now, prev = list(start), sd / "round0" / "run"
+            for r in range(1, rounds + 1):
+                rd = sd / strategy / f"round{r}"
+                picks_path = rd / "picks.csv"
+                if picks_path.is_file():
+                    table = pd.read_csv(picks_path)
+                else:
+                    pool = sorted(set(train) - set(labeled_now))
+                    table = _score_pool(prev, data, pool, g, tta, device)  # every signal, for the Spearman columns
+                    order = pick(table, strategy, budget, seed=1000 * seed + r)
+                    table["picked"] = False
+                    table.loc[table.index[order], "picked"] = True
+                    rd.mkdir(parents=True, exist_ok=True)
+                    atomic_write_text(picks_path, table.to_csv(index=False))
+                chosen = table.loc[table["picked"].astype(bool), "stem"].astype(str).tolist()
+                labeled_now = sorted(set(labeled_now) | set(chosen))
+                log.info("seed %d, %s, round %d: %d labeled images (picked true Dice %.3f vs pool %.3f)", seed,
+                         strategy, r, len(labeled_now), table.loc[table["picked"].astype(bool), "true_dice"].mean(),
+                         table["true_dice"].mean())
+                summary = _train_sup(loaded, cfg, view(rd, labeled_now), rd / "run", seed)
+                results.append(_row(seed, strategy, r, len(labeled_now), summary, rd / "run", table))
+                prev = rd / "run"
+            atomic_write_text(out / "results.csv", pd.DataFrame(results).to_csv(index=False))
+    frame = pd.DataFrame(results)
+    atomic_write_text(out / "results.csv", frame.to_csv(index=False))
+    summary = {"out": str(out), **settings, "seeds": seeds, "strategies": list(strategies),
+               "table": aggregate(frame), "gain_over_random": gains(frame)}
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _row(seed: int, strategy: str, r: int, n: int, summary: dict[str, Any], run: Path,
+         table: pd.DataFrame | None = None) -> dict[str, Any]:
+    row: dict[str, Any] = {"seed": seed, "strategy": strategy, "round": r, "labeled": n,
+                           "test_dsc": summary.get("test_dsc"), "test_iou": summary.get("test_iou"),
+                           "picked_true_dice": None, "pool_true_dice": None, "run": str(run)}
+    if table is not None:
+        picked = table["picked"].astype(bool)
+        row["picked_true_dice"] = float(table.loc[picked, "true_dice"].mean())
+        row["pool_true_dice"] = float(table["true_dice"].mean())
+        for s in SIGNALS:  # how well each signal ranked this pool (Spearman with the true Dice)
+            v = table[s].astype(float)
+            row[f"spearman_{s}"] = (float(v.corr(table["true_dice"], method="spearman"))
+                                    if v.notna().sum() > 2 and v.std() > 0 else None)
+    return row
+
+
+def aggregate(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    """Mean ± s.e. over seeds of test DSC per strategy and round."""
+    from qgseg.metrics import mean_se
+
+    out = []
+    for (strategy, r), grp in frame.groupby(["strategy", "round"], sort=False):
+        m, se = mean_se(grp["test_dsc"].astype(float).to_numpy())
+        pm, _ = mean_se(grp["picked_true_dice"].astype(float).to_numpy())
+        out.append({"strategy": strategy, "round": int(r), "labeled": int(grp["labeled"].iloc[0]),
+                    "seeds": int(len(grp)), "test_dsc": m, "test_dsc_se": se,
+                    "picked_true_dice": None if np.isnan(pm) else pm})
+    return out
+
+
+def gains(frame: pd.DataFrame) -> dict[str, Any]:
+    """Each strategy's test DSC minus random's at the last round, paired by seed (mean ± s.e.)."""
+    from qgseg.metrics import mean_se
+
+    if "random" not in set(frame["strategy"]):
+        return {}
+    last = frame["round"].max()
+    end = frame[frame["round"] == last].pivot_table(index="seed", columns="strategy", values="test_dsc")
+    out = {}
+    for s in end.columns:
+        if s != "random":
+            m, se = mean_se((end[s] - end["random"]).to_numpy(dtype=float))
+            out[s] = {"mean": m, "se": se, "seeds": int((end[s] - end["random"]).notna().sum())}
+    return out
