@@ -250,14 +250,16 @@ def run_simulation(loaded: Any, labeled: str | Path, out: str | Path | None = No
     out.mkdir(parents=True, exist_ok=True)
     cfg = cfg.replace(runs_root=str(out.resolve()))  # no train-quality run of elsewhere joins the val columns
     settings = {"labeled": str(source.resolve()), "image_size": cfg.data.image_size, "initial": initial,
-                "budget": budget, "rounds": rounds, "tta": tta, "split_seed": cfg.data.split_seed}
+                "budget": budget, "rounds": rounds, "tta": tta, "split_seed": cfg.data.split_seed,
+                "config": _config_digest(cfg)}
     spath = out / "simulate.json"
     if spath.is_file():
         old = read_json(spath)
         differ = [k for k in settings if old.get(k) != settings[k]]
         if differ:
-            raise InputError(f"--out {out}: holds a simulation with {differ[0]} = {old.get(differ[0])!r}, not "
-                             f"{settings[differ[0]]!r}; choose another folder")
+            what = ("other training settings (--preset / --config / --set)" if differ[0] == "config"
+                    else f"{differ[0]} = {old.get(differ[0])!r}, not {settings[differ[0]]!r}")
+            raise InputError(f"--out {out}: holds a simulation with {what}; choose another folder")
     write_json(spath, settings)
     device = resolve_device(cfg.device)
     results: list[dict[str, Any]] = []
@@ -304,6 +306,16 @@ def run_simulation(loaded: Any, labeled: str | Path, out: str | Path | None = No
                "table": aggregate(frame), "gain_over_random": gains(frame)}
     write_json(out / "summary.json", summary)
     return summary
+
+
+def _config_digest(cfg: Any) -> str:
+    """What every training of the simulation shares (the settings of sup and g), as a short hash."""
+    import hashlib
+
+    from qgseg.config import dumps_toml
+
+    common = cfg.replace(**{"data.labeled": "", "seed": 0, "runs_root": "", "device": "auto"})
+    return hashlib.sha1(dumps_toml(common).encode()).hexdigest()[:12]
 
 
 def _row(seed: int, strategy: str, r: int, n: int, summary: dict[str, Any], run: Path,
