@@ -281,9 +281,7 @@ def run_simulation(loaded: Any, labeled: str | Path, out: str | Path | None = No
             for r in range(1, rounds + 1):
                 rd = sd / strategy / f"round{r}"
                 picks_path = rd / "picks.csv"
-                if picks_path.is_file():
-                    table = pd.read_csv(picks_path)
-                else:
+                if not picks_path.is_file():
                     pool = sorted(set(train) - set(labeled_now))
                     table = _score_pool(prev, data, pool, g, tta, device)  # every signal, for the Spearman columns
                     order = pick(table, strategy, budget, seed=1000 * seed + r)
@@ -291,6 +289,7 @@ def run_simulation(loaded: Any, labeled: str | Path, out: str | Path | None = No
                     table.loc[table.index[order], "picked"] = True
                     rd.mkdir(parents=True, exist_ok=True)
                     atomic_write_text(picks_path, table.to_csv(index=False))
+                table = pd.read_csv(picks_path, dtype={"stem": str})  # a fresh and a resumed round read the same numbers
                 chosen = table.loc[table["picked"].astype(bool), "stem"].astype(str).tolist()
                 labeled_now = sorted(set(labeled_now) | set(chosen))
                 log.info("seed %d, %s, round %d: %d labeled images (picked true Dice %.3f vs pool %.3f)", seed,
