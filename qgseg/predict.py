@@ -21,6 +21,7 @@ from qgseg.config import load_run_config
 from qgseg.data import LabeledData, resize_image, resize_mask, to_float_images, to_float_masks
 from qgseg.errors import InputError, QgsegError
 from qgseg.metrics import dice_per_sample, hd95_per_sample, iou_per_sample, mean_se
+from qgseg.quality import quality_scores
 from qgseg.runs import atomic_write_bytes, atomic_write_text, find_runs, read_json, write_json
 
 
@@ -112,7 +113,7 @@ def predict_views(model: torch.nn.Module, images: np.ndarray, device: torch.devi
     and each image's agreement: the mean Dice between the plain view's mask and each other view's
     mask (NaN when ``views`` is 1). The images must be square for 4 or 8 views."""
     from qgseg.engine import autocast
-    from qgseg.models import dihedral_views
+    from qgseg.quality import dihedral_views
 
     if views not in PREDICT_VIEWS:
         raise InputError(f"--tta {views}: expected one of {', '.join(map(str, PREDICT_VIEWS))}")
@@ -148,22 +149,6 @@ def confidence(probs: np.ndarray) -> np.ndarray:
     return np.where(n > 0, margin.sum(1) / np.maximum(n, 1), 1.0)
 
 
-@torch.no_grad()
-def quality_scores(g: Any, images: np.ndarray, masks: np.ndarray, device: torch.device,
-                   batch_size: int = 32) -> np.ndarray:
-    """g(image, mask) per pair: uint8 images (N, H, W, 3) and {0, 1} masks (N, H, W) of one size,
-    resized to g's image size when they differ. ``g`` is a QualityPredictor (anything with
-    ``image_size`` and ``score(images, masks)``)."""
-    size = int(getattr(g, "image_size", 0) or images.shape[1])
-    out = []
-    for i in range(0, len(images), batch_size):
-        im, m = images[i:i + batch_size], masks[i:i + batch_size]
-        if im.shape[1:3] != (size, size):
-            im = np.stack([resize_image(a, size) for a in im])
-            m = np.stack([resize_mask(a, size) for a in m])
-        x = to_float_images(torch.from_numpy(np.ascontiguousarray(im)).to(device))
-        out.append(g.score(x, to_float_masks(torch.from_numpy(np.ascontiguousarray(m))).to(device)).float().cpu().numpy())
-    return np.concatenate(out).astype(float) if out else np.zeros(0)
 
 
 def score_images(model: torch.nn.Module, images: np.ndarray, device: torch.device, g: Any = None,
@@ -208,7 +193,7 @@ def segmentation_checkpoint(run_path: Path, stage: str, checkpoint: str) -> Path
 
 def load_segmenter(run_dir: str | Path, checkpoint: str = "best", option: str = "RUN") -> tuple[Any, Any, Path]:
     """(f, its run, the checkpoint file) of an ssl or train-weak run, f in eval mode on the CPU."""
-    from qgseg.engine import load_checkpoint, load_modules
+    from qgseg.engine import load_modules, saved_module
     from qgseg.models import build_segmenter
     from qgseg.runs import Run
 
@@ -221,10 +206,7 @@ def load_segmenter(run_dir: str | Path, checkpoint: str = "best", option: str = 
     if checkpoint not in ("best", "last"):
         raise InputError(f"--checkpoint {checkpoint}: expected best or last")
     ck_path = segmentation_checkpoint(run.path, run.stage, checkpoint)
-    ck = load_checkpoint(ck_path, "checkpoint")
-    spec = (ck.get("specs") or {}).get("model")
-    if not spec or "model" not in (ck.get("modules") or {}):
-        raise InputError(f"{ck_path}: holds no segmentation model 'model'")
+    ck, spec = saved_module(ck_path, "model", "segmentation model")
     model = build_segmenter(spec["arch"], spec.get("encoder", ""))
     load_modules({"model": model}, ck["modules"], str(ck_path))
     return model.eval(), run, ck_path
@@ -331,7 +313,7 @@ def run_predict(loaded: Any, run_dir: str | Path, images_dir: str | Path, out: s
     confidence, agreement, foreground share, flag = quality < ``flag_below``), an overlay sheet of
     the lowest-scored images and ``summary.json``. A rerun skips images whose mask is written.
     """
-    from qgseg.data import read_image, resize_image, resize_mask
+    from qgseg.data import read_image
     from qgseg.engine import resolve_device
     from qgseg.report import Reporter
 
@@ -424,7 +406,7 @@ def _sort_key(table: pd.DataFrame) -> str:
 def _lowest_sheet(table: pd.DataFrame, images_dir: Path, out: Path, files: list[Path]) -> Path | None:
     """Overlay sheet of the lowest-scored images (their masks red), read back from disk."""
     from qgseg import plots
-    from qgseg.data import read_image, read_mask, resize_image, resize_mask
+    from qgseg.data import read_image, read_mask
 
     if not len(table):
         return None

@@ -95,8 +95,7 @@ def run_qc(loaded: Any, images: str | Path, masks: str | Path, quality: str | No
     from qgseg.data import read_image, read_mask, resize_image, resize_mask
     from qgseg.engine import resolve_device
     from qgseg.metrics import dice_per_sample
-    from qgseg.predict import quality_scores
-    from qgseg.quality import QualityPredictor
+    from qgseg.quality import QualityPredictor, quality_scores
     from qgseg.runs import atomic_write_text, new_run_dir, resolve_link, write_json
 
     for name, t in (("--flag-below", flag_below), ("--fail-below", fail_below)):

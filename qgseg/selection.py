@@ -183,8 +183,8 @@ def _train_sup(loaded: Any, cfg: Any, data_dir: Path, out: Path, seed: int) -> d
 def _train_g(cfg: Any, data_dir: Path, out: Path, seed: int) -> str:
     """g trained on the initial labeled subset only (Type 1 corruptions: no weak run)."""
     from qgseg.config import Loaded
-    from qgseg.phase1 import run_train_quality
     from qgseg.runs import Run
+    from qgseg.train_quality import run_train_quality
 
     run = Run(out)
     if run.status != "completed":

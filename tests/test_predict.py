@@ -26,9 +26,9 @@ TINY = ["data.image_size=32", "corrupt.k=2", "corrupt.eval_k=2", "corrupt.p_weak
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A train-quality run (g) and a sup ssl run (f) on 32 px synthetic data."""
-    from qgseg.phase1 import run_train_quality
     from qgseg.ssl import run_ssl
     from qgseg.synth import generate
+    from qgseg.train_quality import run_train_quality
 
     root = tmp_path_factory.mktemp("predict")
     mp = pytest.MonkeyPatch()
@@ -75,8 +75,8 @@ def _mixed_folder(folder: Path, n: int, seed: int = 0) -> dict[str, tuple[int, i
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("views", [1, 2, 4, 8])
 def test_undo_views_turns_every_view_back(views):
-    from qgseg.models import dihedral_views
     from qgseg.predict import undo_views
+    from qgseg.quality import dihedral_views
 
     x = torch.randn(3, 1, 6, 6)
     y = dihedral_views(x, views) if views > 1 else x

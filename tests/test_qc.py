@@ -25,8 +25,8 @@ TINY = ["data.image_size=32", "corrupt.k=2", "corrupt.eval_k=2", "corrupt.p_weak
 @pytest.fixture(scope="module")
 def g_run(tmp_path_factory):
     """A tiny train-quality run and a folder of masks of varying quality for 12 images."""
-    from qgseg.phase1 import run_train_quality
     from qgseg.synth import generate
+    from qgseg.train_quality import run_train_quality
 
     root = tmp_path_factory.mktemp("qc")
     mp = pytest.MonkeyPatch()
