@@ -69,6 +69,8 @@ def pair_masks(images: str | Path, masks: str | Path, truth: str | Path | None =
 def truth_report(quality: np.ndarray, dice: np.ndarray, fail_below: float) -> dict[str, Any]:
     """How well g's scores match the true Dice: Pearson, Spearman, Spearman among masks with true
     Dice >= 0.8, MAE, AURC (failure: true Dice < ``fail_below``) and how many failures g flagged."""
+    import math
+
     from qgseg.metrics import aurc, regression_metrics
 
     r = regression_metrics(quality, dice)
@@ -76,13 +78,15 @@ def truth_report(quality: np.ndarray, dice: np.ndarray, fail_below: float) -> di
     top = regression_metrics(quality[good], dice[good])
     fail = dice < fail_below
     flagged = quality < fail_below
-    return {"cases": int(len(dice)), "true_dice_mean": float(dice.mean()) if len(dice) else None,
-            "mae": r["mae"], "pearson": r["pearson"], "pearson_p": r["pearson_p"], "spearman": r["spearman"],
-            "spearman_dice_ge_0.8": top["spearman"], "cases_dice_ge_0.8": int(good.sum()),
-            "pairwise_same_image": None,  # one mask per image here: no same-image pairs to rank
-            "failure_threshold": fail_below, "failures": int(fail.sum()),
-            "aurc": aurc(quality, dice, fail_below), "aurc_random": float(fail.mean()) if len(dice) else None,
-            "failures_flagged": int((fail & flagged).sum()), "flagged_not_failures": int((flagged & ~fail).sum())}
+    out = {"cases": int(len(dice)), "true_dice_mean": float(dice.mean()) if len(dice) else None,
+           "mae": r["mae"], "pearson": r["pearson"], "pearson_p": r["pearson_p"], "spearman": r["spearman"],
+           "spearman_dice_ge_0.8": top["spearman"], "cases_dice_ge_0.8": int(good.sum()),
+           "pairwise_same_image": None,  # one mask per image here: no same-image pairs to rank
+           "failure_threshold": fail_below, "failures": int(fail.sum()),
+           "aurc": aurc(quality, dice, fail_below), "aurc_random": float(fail.mean()) if len(dice) else None,
+           "aurc_optimal": aurc(dice, dice, fail_below),
+           "failures_flagged": int((fail & flagged).sum()), "flagged_not_failures": int((flagged & ~fail).sum())}
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
 
 
 def run_qc(loaded: Any, images: str | Path, masks: str | Path, quality: str | None = None,
