@@ -263,6 +263,7 @@ def run_simulation(loaded: Any, labeled: str | Path, out: str | Path | None = No
     write_json(spath, settings)
     device = resolve_device(cfg.device)
     results: list[dict[str, Any]] = []
+    scored: dict[tuple[str, tuple[str, ...]], pd.DataFrame] = {}  # round 1 of every strategy scores one pool alike
     for seed in range(seeds):
         sd = out / f"seed{seed}"
         rng = np.random.default_rng(seed)
@@ -283,7 +284,10 @@ def run_simulation(loaded: Any, labeled: str | Path, out: str | Path | None = No
                 picks_path = rd / "picks.csv"
                 if not picks_path.is_file():
                     pool = sorted(set(train) - set(labeled_now))
-                    table = _score_pool(prev, data, pool, g, tta, device)  # every signal, for the Spearman columns
+                    key = (str(prev), tuple(pool))
+                    if key not in scored:  # every signal, for the Spearman columns
+                        scored = {key: _score_pool(prev, data, pool, g, tta, device)}
+                    table = scored[key].copy()
                     order = pick(table, strategy, budget, seed=1000 * seed + r)
                     table["picked"] = False
                     table.loc[table.index[order], "picked"] = True
