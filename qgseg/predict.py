@@ -22,7 +22,7 @@ from qgseg.data import LabeledData, resize_image, resize_mask, to_float_images, 
 from qgseg.errors import InputError, QgsegError
 from qgseg.metrics import dice_per_sample, hd95_per_sample, iou_per_sample, mean_se
 from qgseg.quality import quality_scores
-from qgseg.runs import atomic_write_bytes, atomic_write_text, find_runs, read_json, write_json
+from qgseg.runs import atomic_write_bytes, atomic_write_text, find_runs, json_ready, read_json, write_json
 
 
 @torch.no_grad()
@@ -394,6 +394,7 @@ def run_predict(loaded: Any, run_dir: str | Path, images_dir: str | Path, out: s
     }
     if note:
         summary["note"] = note
+    summary = json_ready(summary)  # strict JSON: an undefined metric is null
     write_json(out / "summary.json", summary)
     return summary
 

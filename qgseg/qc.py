@@ -69,8 +69,6 @@ def pair_masks(images: str | Path, masks: str | Path, truth: str | Path | None =
 def truth_report(quality: np.ndarray, dice: np.ndarray, fail_below: float) -> dict[str, Any]:
     """How well g's scores match the true Dice: Pearson, Spearman, Spearman among masks with true
     Dice >= 0.8, MAE, AURC (failure: true Dice < ``fail_below``) and how many failures g flagged."""
-    import math
-
     from qgseg.metrics import aurc, regression_metrics
 
     r = regression_metrics(quality, dice)
@@ -86,7 +84,7 @@ def truth_report(quality: np.ndarray, dice: np.ndarray, fail_below: float) -> di
            "aurc": aurc(quality, dice, fail_below), "aurc_random": float(fail.mean()) if len(dice) else None,
            "aurc_optimal": aurc(dice, dice, fail_below),
            "failures_flagged": int((fail & flagged).sum()), "flagged_not_failures": int((flagged & ~fail).sum())}
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+    return out
 
 
 def run_qc(loaded: Any, images: str | Path, masks: str | Path, quality: str | None = None,
@@ -100,7 +98,7 @@ def run_qc(loaded: Any, images: str | Path, masks: str | Path, quality: str | No
     from qgseg.engine import resolve_device
     from qgseg.metrics import dice_per_sample
     from qgseg.quality import QualityPredictor, quality_scores
-    from qgseg.runs import atomic_write_text, new_run_dir, resolve_link, write_json
+    from qgseg.runs import atomic_write_text, json_ready, new_run_dir, resolve_link, write_json
 
     for name, t in (("--flag-below", flag_below), ("--fail-below", fail_below)):
         if t is not None and not 0.0 <= t <= 1.0:
@@ -171,5 +169,6 @@ def run_qc(loaded: Any, images: str | Path, masks: str | Path, quality: str | No
                                         flag_below)
         plots.quality_dice_scatter(table["true_dice"].to_numpy(float), table["quality"].to_numpy(float),
                                    out / "scatter.png", title=f"g on {len(table)} masks vs their true Dice")
+    summary = json_ready(summary)  # strict JSON: an undefined metric is null
     write_json(out / "summary.json", summary)
     return summary

@@ -83,7 +83,7 @@ def run_select(loaded: Any, model_run: str | Path, unlabeled: str | Path, budget
     from qgseg.data import load_unlabeled
     from qgseg.engine import resolve_device
     from qgseg.predict import load_quality_for, load_segmenter, score_images
-    from qgseg.runs import atomic_write_text, new_run_dir, write_json
+    from qgseg.runs import atomic_write_text, json_ready, new_run_dir, write_json
 
     check_strategy(strategy)
     if budget < 1:
@@ -122,6 +122,7 @@ def run_select(loaded: Any, model_run: str | Path, unlabeled: str | Path, budget
     }
     if note and strategy != "quality":
         summary["note"] = note
+    summary = json_ready(summary)  # strict JSON: an undefined metric is null
     write_json(out / "summary.json", summary)
     return summary
 
@@ -224,7 +225,7 @@ def run_simulation(loaded: Any, labeled: str | Path, out: str | Path | None = No
     from qgseg.data import load_labeled, make_splits
     from qgseg.engine import resolve_device
     from qgseg.quality import QualityPredictor
-    from qgseg.runs import atomic_write_text, read_json, write_json
+    from qgseg.runs import atomic_write_text, json_ready, read_json, write_json
 
     for s in strategies:
         check_strategy(s, "--strategies")
@@ -307,6 +308,7 @@ def run_simulation(loaded: Any, labeled: str | Path, out: str | Path | None = No
     atomic_write_text(out / "results.csv", frame.to_csv(index=False))
     summary = {"out": str(out), **settings, "seeds": seeds, "strategies": list(strategies),
                "table": aggregate(frame), "gain_over_random": gains(frame)}
+    summary = json_ready(summary)  # strict JSON: an undefined metric is null
     write_json(out / "summary.json", summary)
     return summary
 
