@@ -191,3 +191,28 @@ def test_predict_bad_input_is_one_line_and_exit_2(trained, tmp_path, case):
         assert "broken.png" in err[0] and not out.exists()  # checked before anything is written
     if case != "other tta":
         assert not (out / "predictions.csv").exists()
+
+
+def test_predict_interrupted_keeps_finished_masks_and_a_rerun_completes(trained, tmp_path, monkeypatch):
+    import qgseg.predict as P
+
+    _mixed_folder(tmp_path / "imgs", 12)
+    loaded = load_config(options={"runs_root": str(trained["root"] / "runs")}, cwd=tmp_path)
+    real, calls = P.predict_views, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(P, "predict_views", flaky)
+    out = tmp_path / "pred"
+    with pytest.raises(KeyboardInterrupt):
+        P.run_predict(loaded, trained["ssl"], tmp_path / "imgs", out, quality=str(trained["quality"]), batch_size=4)
+    assert len(list((out / "masks").glob("*.png"))) == 8
+    assert not (out / "predictions.csv").exists() and not (out / "summary.json").exists()
+    monkeypatch.setattr(P, "predict_views", real)
+    s = P.run_predict(loaded, trained["ssl"], tmp_path / "imgs", out, quality=str(trained["quality"]), batch_size=4)
+    assert (s["predicted"], s["skipped"]) == (4, 8)
+    assert len(pd.read_csv(out / "predictions.csv")) == 12
