@@ -166,7 +166,7 @@ def _check_layout(source: Path) -> None:
                          f"(found the {layout} layout with images in several folders)")
 
 
-def _train_sup(loaded: Any, cfg: Any, data_dir: Path, out: Path, seed: int) -> dict[str, Any]:
+def _train_sup(cfg: Any, data_dir: Path, out: Path, seed: int) -> dict[str, Any]:
     """One ``sup`` training on the view ``data_dir``: a completed run is read, an unfinished one resumed."""
     from qgseg.config import Loaded
     from qgseg.runs import Run
@@ -212,7 +212,7 @@ def _score_pool(run_dir: Path, data: Any, pool: list[str], g: Any, tta: int, dev
 
 def run_simulation(loaded: Any, labeled: str | Path, out: str | Path | None = None, initial: int = 10,
                    budget: int = 10, rounds: int = 2, seeds: int = 3, strategies: Sequence[str] = STRATEGIES,
-                   tta: int = 4, reporter: Any = None) -> dict[str, Any]:
+                   tta: int = 4) -> dict[str, Any]:
     """The simulated annotation loop (see the module docstring). Resumable: rerun to continue.
 
     Layout of ``out``: ``seed<k>/round0`` (the shared start: data view + ssl run),
@@ -221,12 +221,53 @@ def run_simulation(loaded: Any, labeled: str | Path, out: str | Path | None = No
     the data view and the ssl run). ``results.csv`` has one row per seed, strategy and round;
     ``summary.json`` the mean ± s.e. over seeds and each strategy's gain over random.
     """
-    from qgseg.config import load_run_config  # noqa: F401 - keeps config errors before any training
     from qgseg.data import load_labeled, make_splits
-    from qgseg.engine import resolve_device
     from qgseg.quality import QualityPredictor
-    from qgseg.runs import atomic_write_text, json_ready, read_json, write_json
+    from qgseg.runs import atomic_write_text, json_ready, write_json
 
+    _check_simulation(strategies, initial, budget, rounds, seeds, tta)
+    cfg = loaded.config
+    source = Path(labeled)
+    _check_layout(source)
+    data = load_labeled(source, cfg.data.image_size, cfg.data.cache_dir)
+    base = make_splits(data.stems, cfg.data.split_seed, data.root)
+    need = initial + budget * rounds
+    if need > len(base["train"]):
+        raise InputError(f"--initial {initial} + --rounds {rounds} x --budget {budget} = {need} images, but the "
+                         f"training split of {source} has {len(base['train'])}")
+    out = Path(out) if out else Path(cfg.runs_root) / "select-simulate" / source.resolve().name
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = cfg.replace(runs_root=str(out.resolve()))  # no train-quality run of elsewhere joins the val columns
+    settings = _claim(out, {"labeled": str(source.resolve()), "image_size": cfg.data.image_size,
+                            "initial": initial, "budget": budget, "rounds": rounds, "tta": tta,
+                            "split_seed": cfg.data.split_seed, "config": _config_digest(cfg)})
+    loop = _Loop(cfg, data, source, base, budget, rounds, tta)
+    results: list[dict[str, Any]] = []
+    for seed in range(seeds):
+        sd = out / f"seed{seed}"
+        rng = np.random.default_rng(seed)
+        start = sorted(base["train"][i] for i in rng.permutation(len(base["train"]))[:initial])
+        log.info("seed %d: round 0 (%d labeled images)", seed, len(start))
+        s0 = _train_sup(cfg, loop.view(sd / "round0", start), sd / "round0" / "run", seed)
+        results += [_row(seed, strategy, 0, len(start), s0, sd / "round0" / "run") for strategy in strategies]
+        g = None
+        if "quality" in strategies:
+            log.info("seed %d: g on the %d initial images", seed, len(start))
+            g = QualityPredictor.from_run(_train_g(cfg, loop.view(sd / "g", start), sd / "g" / "run", seed))
+        for strategy in strategies:
+            results += loop.rounds(sd, seed, strategy, start, g)
+            atomic_write_text(out / "results.csv", pd.DataFrame(results).to_csv(index=False))
+    frame = pd.DataFrame(results)
+    atomic_write_text(out / "results.csv", frame.to_csv(index=False))
+    summary = {"out": str(out), **settings, "seeds": seeds, "strategies": list(strategies),
+               "table": aggregate(frame), "gain_over_random": gains(frame)}
+    summary = json_ready(summary)  # strict JSON: an undefined metric is null
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+def _check_simulation(strategies: Sequence[str], initial: int, budget: int, rounds: int, seeds: int,
+                      tta: int) -> None:
     for s in strategies:
         check_strategy(s, "--strategies")
     if not strategies:
@@ -237,80 +278,73 @@ def run_simulation(loaded: Any, labeled: str | Path, out: str | Path | None = No
         raise InputError("--budget, --rounds and --seeds must be at least 1")
     if "agreement" in strategies and tta < 2:
         raise InputError(f"--tta {tta}: the agreement strategy needs 2, 4 or 8 views")
-    cfg = loaded.config
-    source = Path(labeled)
-    _check_layout(source)
-    data = load_labeled(source, cfg.data.image_size, cfg.data.cache_dir)
-    base = make_splits(data.stems, cfg.data.split_seed, data.root)
-    train = list(base["train"])
-    need = initial + budget * rounds
-    if need > len(train):
-        raise InputError(f"--initial {initial} + --rounds {rounds} x --budget {budget} = {need} images, but the "
-                         f"training split of {source} has {len(train)}")
-    out = Path(out) if out else Path(cfg.runs_root) / "select-simulate" / source.resolve().name
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = cfg.replace(runs_root=str(out.resolve()))  # no train-quality run of elsewhere joins the val columns
-    settings = {"labeled": str(source.resolve()), "image_size": cfg.data.image_size, "initial": initial,
-                "budget": budget, "rounds": rounds, "tta": tta, "split_seed": cfg.data.split_seed,
-                "config": _config_digest(cfg)}
-    spath = out / "simulate.json"
-    if spath.is_file():
-        old = read_json(spath)
+
+
+def _claim(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """Record the simulation's settings in ``out``; a folder holding another simulation is refused."""
+    from qgseg.runs import read_json, write_json
+
+    path = out / "simulate.json"
+    if path.is_file():
+        old = read_json(path)
         differ = [k for k in settings if old.get(k) != settings[k]]
         if differ:
             what = ("other training settings (--preset / --config / --set)" if differ[0] == "config"
                     else f"{differ[0]} = {old.get(differ[0])!r}, not {settings[differ[0]]!r}")
             raise InputError(f"--out {out}: holds a simulation with {what}; choose another folder")
-    write_json(spath, settings)
-    device = resolve_device(cfg.device)
-    results: list[dict[str, Any]] = []
-    scored: dict[tuple[str, tuple[str, ...]], pd.DataFrame] = {}  # round 1 of every strategy scores one pool alike
-    for seed in range(seeds):
-        sd = out / f"seed{seed}"
-        rng = np.random.default_rng(seed)
-        start = sorted(train[i] for i in rng.permutation(len(train))[:initial])
-        view = lambda d, tr: data_view(d / "data", source, {"train": tr, "val": base["val"], "test": base["test"]})  # noqa: E731
-        log.info("seed %d: round 0 (%d labeled images)", seed, len(start))
-        s0 = _train_sup(loaded, cfg, view(sd / "round0", start), sd / "round0" / "run", seed)
-        for strategy in strategies:
-            results.append(_row(seed, strategy, 0, len(start), s0, sd / "round0" / "run"))
-        g = None
-        if "quality" in strategies:
-            log.info("seed %d: g on the %d initial images", seed, len(start))
-            g = QualityPredictor.from_run(_train_g(cfg, view(sd / "g", start), sd / "g" / "run", seed)).to(device)
-        for strategy in strategies:
-            labeled_now, prev = list(start), sd / "round0" / "run"
-            for r in range(1, rounds + 1):
-                rd = sd / strategy / f"round{r}"
-                picks_path = rd / "picks.csv"
-                if not picks_path.is_file():
-                    pool = sorted(set(train) - set(labeled_now))
-                    key = (str(prev), tuple(pool))
-                    if key not in scored:  # every signal, for the Spearman columns
-                        scored = {key: _score_pool(prev, data, pool, g, tta, device)}
-                    table = scored[key].copy()
-                    order = pick(table, strategy, budget, seed=1000 * seed + r)
-                    table["picked"] = False
-                    table.loc[table.index[order], "picked"] = True
-                    rd.mkdir(parents=True, exist_ok=True)
-                    atomic_write_text(picks_path, table.to_csv(index=False))
-                table = pd.read_csv(picks_path, dtype={"stem": str})  # a fresh and a resumed round read the same numbers
-                chosen = table.loc[table["picked"].astype(bool), "stem"].astype(str).tolist()
-                labeled_now = sorted(set(labeled_now) | set(chosen))
-                log.info("seed %d, %s, round %d: %d labeled images (picked true Dice %.3f vs pool %.3f)", seed,
-                         strategy, r, len(labeled_now), table.loc[table["picked"].astype(bool), "true_dice"].mean(),
-                         table["true_dice"].mean())
-                summary = _train_sup(loaded, cfg, view(rd, labeled_now), rd / "run", seed)
-                results.append(_row(seed, strategy, r, len(labeled_now), summary, rd / "run", table))
-                prev = rd / "run"
-            atomic_write_text(out / "results.csv", pd.DataFrame(results).to_csv(index=False))
-    frame = pd.DataFrame(results)
-    atomic_write_text(out / "results.csv", frame.to_csv(index=False))
-    summary = {"out": str(out), **settings, "seeds": seeds, "strategies": list(strategies),
-               "table": aggregate(frame), "gain_over_random": gains(frame)}
-    summary = json_ready(summary)  # strict JSON: an undefined metric is null
-    write_json(out / "summary.json", summary)
-    return summary
+    write_json(path, settings)
+    return settings
+
+
+class _Loop:
+    """The annotation rounds of one strategy and seed, sharing data, splits and scored pools."""
+
+    def __init__(self, cfg: Any, data: Any, source: Path, base: dict[str, list[str]], budget: int, rounds: int,
+                 tta: int):
+        from qgseg.engine import resolve_device
+
+        self.cfg, self.data, self.source, self.base = cfg, data, source, base
+        self.budget, self.n_rounds, self.tta = budget, rounds, tta
+        self.device = resolve_device(cfg.device)
+        self.scored: dict[tuple[str, tuple[str, ...]], pd.DataFrame] = {}  # round 1 of every strategy scores one pool
+
+    def view(self, folder: Path, train: Sequence[str]) -> Path:
+        return data_view(folder / "data", self.source, {"train": train, "val": self.base["val"],
+                                                        "test": self.base["test"]})
+
+    def picks(self, rd: Path, prev: Path, labeled_now: Sequence[str], strategy: str, seed: int, r: int,
+              g: Any) -> pd.DataFrame:
+        """The round's picks.csv: every pool image's scores and true Dice, ``picked`` marking the budget."""
+        from qgseg.runs import atomic_write_text
+
+        path = rd / "picks.csv"
+        if not path.is_file():
+            pool = sorted(set(self.base["train"]) - set(labeled_now))
+            key = (str(prev), tuple(pool))
+            if key not in self.scored:  # every signal, for the Spearman columns
+                self.scored = {key: _score_pool(prev, self.data, pool, g, self.tta, self.device)}
+            table = self.scored[key].copy()
+            table["picked"] = False
+            table.loc[table.index[pick(table, strategy, self.budget, seed=1000 * seed + r)], "picked"] = True
+            rd.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, table.to_csv(index=False))
+        return pd.read_csv(path, dtype={"stem": str})  # a fresh and a resumed round read the same numbers
+
+    def rounds(self, sd: Path, seed: int, strategy: str, start: Sequence[str], g: Any) -> list[dict[str, Any]]:
+        labeled_now, prev, rows = list(start), sd / "round0" / "run", []
+        if g is not None:
+            g.to(self.device)
+        for r in range(1, self.n_rounds + 1):
+            rd = sd / strategy / f"round{r}"
+            table = self.picks(rd, prev, labeled_now, strategy, seed, r, g)
+            picked = table["picked"].astype(bool)
+            labeled_now = sorted(set(labeled_now) | set(table.loc[picked, "stem"]))
+            log.info("seed %d, %s, round %d: %d labeled images (picked true Dice %.3f vs pool %.3f)", seed, strategy,
+                     r, len(labeled_now), table.loc[picked, "true_dice"].mean(), table["true_dice"].mean())
+            summary = _train_sup(self.cfg, self.view(rd, labeled_now), rd / "run", seed)
+            rows.append(_row(seed, strategy, r, len(labeled_now), summary, rd / "run", table))
+            prev = rd / "run"
+        return rows
 
 
 def _config_digest(cfg: Any) -> str:
