@@ -303,7 +303,7 @@ def _image_files(images_dir: str | Path) -> list[Path]:
 
 
 def run_predict(loaded: Any, run_dir: str | Path, images_dir: str | Path, out: str | Path,
-                checkpoint: str = "best", quality: str | None = None, tta: int = 1, probs: bool = False,
+                checkpoint: str = "best", quality: str | None = None, tta: int = 4, probs: bool = False,
                 flag_below: float = 0.7, batch_size: int = 16,
                 reporter: Any = None) -> dict[str, Any]:
     """Segment every image of ``images_dir`` with the trained f of ``run_dir`` into ``out``.
@@ -313,7 +313,6 @@ def run_predict(loaded: Any, run_dir: str | Path, images_dir: str | Path, out: s
     confidence, agreement, foreground share, flag = quality < ``flag_below``), an overlay sheet of
     the lowest-scored images and ``summary.json``. A rerun skips images whose mask is written.
     """
-    from qgseg.data import read_image
     from qgseg.engine import resolve_device
     from qgseg.report import Reporter
 
@@ -352,35 +351,13 @@ def run_predict(loaded: Any, run_dir: str | Path, images_dir: str | Path, out: s
         rep.start("predict", total=len(files), completed=skipped)
         for i in range(0, len(todo), batch_size):
             chunk = todo[i:i + batch_size]
-            originals = [read_image(f) for f in chunk]
-            small = np.stack([resize_image(im, size) for im in originals])
-            p, agree = predict_views(model, small, device, tta, batch_size)
-            fulls = [cv2.resize(pr, (im.shape[1], im.shape[0]), interpolation=cv2.INTER_LINEAR)
-                     if im.shape[:2] != pr.shape else pr for im, pr in zip(originals, p)]
-            masks = [(full > 0.5).astype(np.uint8) for full in fulls]
-            qs = [None] * len(chunk)
-            if g is not None:  # g sees image and mask at its own image size, as it was trained
-                gs = g.image_size
-                qs = quality_scores(g, np.stack([resize_image(im, gs) for im in originals]),
-                                    np.stack([resize_mask(m, gs) for m in masks]), device).tolist()
-            for f, im, pr, ag, full, mask, q in zip(chunk, originals, p, agree, fulls, masks, qs):
-                h, w = im.shape[:2]
-                if probs:
-                    _write_png(out / "probs" / f"{f.stem}.png", np.clip(np.rint(full * 255), 0, 255).astype(np.uint8))
-                _write_png(out / "masks" / f"{f.stem}.png", mask * 255)
-                row = {"stem": f.stem, "image": f.name, "height": h, "width": w, "quality": q,
-                       "confidence": float(confidence(pr[None])[0]),
-                       "agreement": None if np.isnan(ag) else float(ag), "foreground": float(mask.mean())}
+            for row in _predict_chunk(model, g, chunk, size, tta, device, out, probs):
                 rec.write(json.dumps(row) + "\n")
                 rec.flush()
-                rows[f.stem] = row
+                rows[row["stem"]] = row
             rep.advance(len(chunk))
-    table = pd.DataFrame([rows[f.stem] for f in files])
-    table["mask"] = ["masks/" + f"{s}.png" for s in table["stem"]]
-    table["flag"] = [bool(q is not None and not pd.isna(q) and q < flag_below) for q in table["quality"]]
-    table = table[["stem", "image", "mask", "height", "width", "quality", "confidence", "agreement",
-                   "foreground", "flag"]]
-    sheet = _lowest_sheet(table, Path(images_dir), out, files)
+    table = _table(rows, files, flag_below)
+    sheet = _lowest_sheet(table, out, files)
     atomic_write_text(out / "predictions.csv", table.to_csv(index=False))
     q = table["quality"].astype(float)
     summary: dict[str, Any] = {
@@ -399,12 +376,46 @@ def run_predict(loaded: Any, run_dir: str | Path, images_dir: str | Path, out: s
     return summary
 
 
+def _predict_chunk(model: torch.nn.Module, g: Any, files: list[Path], size: int, tta: int, device: torch.device,
+                   out: Path, probs: bool) -> list[dict[str, Any]]:
+    """Predict, write and score a few images; their rows for predictions.csv."""
+    from qgseg.data import read_image
+
+    originals = [read_image(f) for f in files]
+    p, agree = predict_views(model, np.stack([resize_image(im, size) for im in originals]), device, tta, len(files))
+    fulls = [cv2.resize(pr, (im.shape[1], im.shape[0]), interpolation=cv2.INTER_LINEAR)
+             if im.shape[:2] != pr.shape else pr for im, pr in zip(originals, p)]
+    masks = [(full > 0.5).astype(np.uint8) for full in fulls]
+    qs: list[float | None] = [None] * len(files)
+    if g is not None:  # g sees image and mask at its own image size, as it was trained
+        qs = quality_scores(g, np.stack([resize_image(im, g.image_size) for im in originals]),
+                            np.stack([resize_mask(m, g.image_size) for m in masks]), device).tolist()
+    rows = []
+    for f, im, pr, ag, full, mask, q in zip(files, originals, p, agree, fulls, masks, qs):
+        if probs:
+            _write_png(out / "probs" / f"{f.stem}.png", np.clip(np.rint(full * 255), 0, 255).astype(np.uint8))
+        _write_png(out / "masks" / f"{f.stem}.png", mask * 255)
+        rows.append({"stem": f.stem, "image": f.name, "height": im.shape[0], "width": im.shape[1], "quality": q,
+                     "confidence": float(confidence(pr[None])[0]),
+                     "agreement": None if np.isnan(ag) else float(ag), "foreground": float(mask.mean())})
+    return rows
+
+
+def _table(rows: dict[str, dict[str, Any]], files: list[Path], flag_below: float) -> pd.DataFrame:
+    """predictions.csv: one row per image in folder order, with the mask's path and the flag."""
+    table = pd.DataFrame([rows[f.stem] for f in files])
+    table["mask"] = ["masks/" + f"{s}.png" for s in table["stem"]]
+    table["flag"] = [bool(q is not None and not pd.isna(q) and q < flag_below) for q in table["quality"]]
+    return table[["stem", "image", "mask", "height", "width", "quality", "confidence", "agreement",
+                  "foreground", "flag"]]
+
+
 def _sort_key(table: pd.DataFrame) -> str:
     """Lowest-scored first by g when there is one, else by the segmenter's confidence."""
     return "quality" if table["quality"].notna().any() else "confidence"
 
 
-def _lowest_sheet(table: pd.DataFrame, images_dir: Path, out: Path, files: list[Path]) -> Path | None:
+def _lowest_sheet(table: pd.DataFrame, out: Path, files: list[Path]) -> Path | None:
     """Overlay sheet of the lowest-scored images (their masks red), read back from disk."""
     from qgseg import plots
     from qgseg.data import read_image, read_mask
