@@ -183,6 +183,9 @@ def test_splits_csv_overrides(tmp_path):
     # a spreadsheet's UTF-8 BOM and comment lines are fine
     (tmp_path / "splits.csv").write_bytes("\ufeffstem,split\n# note\na,train\nc,val\nd,test\n".encode("utf-8"))
     assert D.make_splits(stems, seed=0, root=tmp_path) == {"train": ["a"], "val": ["c"], "test": ["d"]}
+    # a comment before the header (as in ../shared/data/cvc-clinicdb/splits.csv)
+    (tmp_path / "splits.csv").write_text("# split by video\nstem,split\na,train\nc,val\nd,test\n")
+    assert D.make_splits(stems, seed=0, root=tmp_path) == {"train": ["a"], "val": ["c"], "test": ["d"]}
 
 
 @pytest.mark.parametrize("text, match", [
