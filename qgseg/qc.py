@@ -91,13 +91,9 @@ def run_qc(loaded: Any, images: str | Path, masks: str | Path, quality: str | No
            out: str | Path | None = None, truth: str | Path | None = None, flag_below: float = 0.7,
            fail_below: float | None = None) -> dict[str, Any]:
     """Score every mask of ``masks`` with g; write qc.csv, lowest.png, histogram.png, summary.json."""
-    import torch
-
     from qgseg import plots
-    from qgseg.data import read_image, read_mask, resize_image, resize_mask
     from qgseg.engine import resolve_device
-    from qgseg.metrics import dice_per_sample
-    from qgseg.quality import QualityPredictor, quality_scores
+    from qgseg.quality import QualityPredictor
     from qgseg.runs import atomic_write_text, json_ready, new_run_dir, resolve_link, write_json
 
     for name, t in (("--flag-below", flag_below), ("--fail-below", fail_below)):
@@ -108,52 +104,19 @@ def run_qc(loaded: Any, images: str | Path, masks: str | Path, quality: str | No
     stems, imgs, msk, tru, unscored = pair_masks(images, masks, truth)
     device = resolve_device(cfg.device)
     g = QualityPredictor.from_run(g_run).to(device)
-    size = g.image_size
-    rows: list[dict[str, Any]] = []
-    for i in range(0, len(stems), BATCH):
-        chunk = stems[i:i + BATCH]
-        ims, ms = [], []
-        for s in chunk:
-            im, (m, _) = read_image(imgs[s]), read_mask(msk[s])
-            if im.shape[:2] != m.shape:
-                raise InputError(f"--masks {msk[s]}: mask size {m.shape[1]}x{m.shape[0]} differs from its image "
-                                 f"{imgs[s].name} ({im.shape[1]}x{im.shape[0]}, width x height)")
-            row: dict[str, Any] = {"stem": s, "image": imgs[s].name, "mask": msk[s].name,
-                                   "foreground": float(m.mean())}
-            if tru:
-                t, _ = read_mask(tru[s])
-                if t.shape != m.shape:
-                    raise InputError(f"--truth {tru[s]}: size {t.shape[1]}x{t.shape[0]} differs from the mask "
-                                     f"{msk[s].name} ({m.shape[1]}x{m.shape[0]})")
-                row["true_dice"] = float(dice_per_sample(torch.from_numpy(m[None] > 0),
-                                                         torch.from_numpy(t[None] > 0))[0])
-            ims.append(resize_image(im, size))
-            ms.append(resize_mask(m, size))
-            rows.append(row)
-        scores = quality_scores(g, np.stack(ims), np.stack(ms), device)
-        for row, q in zip(rows[i:], scores):
-            row["quality"] = float(q)
-    table = pd.DataFrame(rows)
+    table = score_masks(g, stems, imgs, msk, tru, device)
     table["flag"] = table["quality"] < flag_below
     cols = ["stem", "image", "mask", "quality", "flag", "foreground"] + (["true_dice"] if tru else [])
     table = table[cols].sort_values("quality", kind="stable").reset_index(drop=True)
     out = Path(out) if out else new_run_dir(cfg.runs_root, "qc")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "qc.csv", table.to_csv(index=False))
-    worst = table.head(SHEET_CASES)
-    side = 192
-    sheet_ims = np.stack([resize_image(read_image(imgs[s]), side) for s in worst["stem"]])
-    sheet_ms = np.stack([resize_mask(read_mask(msk[s])[0], side) for s in worst["stem"]])
-    sheet_gt = (np.stack([resize_mask(read_mask(tru[s])[0], side) for s in worst["stem"]]) if tru
-                else np.zeros_like(sheet_ms))
-    labels = [f"{r.stem}\ng {r.quality:.3f}" + (f", Dice {r.true_dice:.3f}" if tru else "") for r in worst.itertuples()]
-    plots.overlay_montage(sheet_ims, sheet_gt, sheet_ms, labels, out / "lowest.png", per_row=4,
-                          title="lowest predicted quality first (red: mask" + (", green: truth)" if tru else ")"))
+    _lowest_sheet(table, imgs, msk, tru, out / "lowest.png")
     plots.score_histogram(table["quality"].to_numpy(float), out / "histogram.png", flag_below,
                           title=f"g on {len(table)} masks ({int(table['flag'].sum())} below {flag_below:g})")
     below_fail = int((table["quality"] < fail_below).sum()) if fail_below is not None else None
     summary: dict[str, Any] = {
-        "out": str(out), "quality_run": str(g_run.path), "g_image_size": size, "images": str(images),
+        "out": str(out), "quality_run": str(g_run.path), "g_image_size": g.image_size, "images": str(images),
         "masks": str(masks), "scored": len(table), "images_without_mask": len(unscored),
         "quality_mean": float(table["quality"].mean()), "quality_min": float(table["quality"].min()),
         "flag_below": flag_below, "flagged": int(table["flag"].sum()),
@@ -172,3 +135,53 @@ def run_qc(loaded: Any, images: str | Path, masks: str | Path, quality: str | No
     summary = json_ready(summary)  # strict JSON: an undefined metric is null
     write_json(out / "summary.json", summary)
     return summary
+
+
+def score_masks(g: Any, stems: list[str], imgs: dict[str, Path], msk: dict[str, Path], tru: dict[str, Path],
+                device: Any) -> pd.DataFrame:
+    """g's score of each mask (and its true Dice at the original size when ``tru`` has truths), in
+    batches; a mask of another size than its image (or than its truth) is an InputError."""
+    import torch
+
+    from qgseg.data import read_image, read_mask, resize_image, resize_mask
+    from qgseg.metrics import dice_per_sample
+    from qgseg.quality import quality_scores
+
+    rows: list[dict[str, Any]] = []
+    for i in range(0, len(stems), BATCH):
+        ims, ms = [], []
+        for s in stems[i:i + BATCH]:
+            im, (m, _) = read_image(imgs[s]), read_mask(msk[s])
+            if im.shape[:2] != m.shape:
+                raise InputError(f"--masks {msk[s]}: mask size {m.shape[1]}x{m.shape[0]} differs from its image "
+                                 f"{imgs[s].name} ({im.shape[1]}x{im.shape[0]}, width x height)")
+            row: dict[str, Any] = {"stem": s, "image": imgs[s].name, "mask": msk[s].name,
+                                   "foreground": float(m.mean())}
+            if tru:
+                t, _ = read_mask(tru[s])
+                if t.shape != m.shape:
+                    raise InputError(f"--truth {tru[s]}: size {t.shape[1]}x{t.shape[0]} differs from the mask "
+                                     f"{msk[s].name} ({m.shape[1]}x{m.shape[0]})")
+                row["true_dice"] = float(dice_per_sample(torch.from_numpy(m[None] > 0),
+                                                         torch.from_numpy(t[None] > 0))[0])
+            ims.append(resize_image(im, g.image_size))
+            ms.append(resize_mask(m, g.image_size))
+            rows.append(row)
+        for row, q in zip(rows[i:], quality_scores(g, np.stack(ims), np.stack(ms), device)):
+            row["quality"] = float(q)
+    return pd.DataFrame(rows)
+
+
+def _lowest_sheet(table: pd.DataFrame, imgs: dict[str, Path], msk: dict[str, Path], tru: dict[str, Path],
+                  path: Path) -> Path:
+    """Overlay sheet of the lowest-scored masks (red), with their truth (green) when given."""
+    from qgseg import plots
+    from qgseg.data import read_image, read_mask, resize_image, resize_mask
+
+    worst, side = table.head(SHEET_CASES), 192
+    ims = np.stack([resize_image(read_image(imgs[s]), side) for s in worst["stem"]])
+    ms = np.stack([resize_mask(read_mask(msk[s])[0], side) for s in worst["stem"]])
+    gts = np.stack([resize_mask(read_mask(tru[s])[0], side) for s in worst["stem"]]) if tru else np.zeros_like(ms)
+    labels = [f"{r.stem}\ng {r.quality:.3f}" + (f", Dice {r.true_dice:.3f}" if tru else "") for r in worst.itertuples()]
+    return plots.overlay_montage(ims, gts, ms, labels, path, per_row=4,
+                                 title="lowest predicted quality first (red: mask" + (", green: truth)" if tru else ")"))
