@@ -18,7 +18,7 @@ import pandas as pd
 from qgseg.errors import InputError
 
 log = logging.getLogger("qgseg")
-FAIL_EXIT_CODE = 3  # `--fail-below T` and some mask scored below T
+FAIL_EXIT_CODE = 4  # `--fail-below T` and some mask scored below T (3 is "a key metric is undefined")
 SHEET_CASES = 8
 BATCH = 32
 

@@ -91,9 +91,9 @@ def test_qc_scores_sorts_flags_and_reports_the_match_with_truth(g_run, tmp_path)
         assert (out / name).stat().st_size > 0
 
 
-def test_qc_fail_below_sets_exit_code_3(g_run, tmp_path):
+def test_qc_fail_below_sets_exit_code_4(g_run, tmp_path):
     res = _qc(g_run, "--masks", g_run["masks"], "--out", tmp_path / "a", "--fail-below", "1.0")
-    assert res.exit_code == 3
+    assert res.exit_code == 4
     assert "below --fail-below 1" in res.stderr
     assert json.loads(res.stdout)["below_fail"] == 12  # the report is complete before the exit
     res = _qc(g_run, "--masks", g_run["masks"], "--out", tmp_path / "b", "--fail-below", "0.0")
