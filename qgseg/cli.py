@@ -535,6 +535,132 @@ def evaluate(
     _emit(json_out, summary, render, quiet=quiet)
 
 
+# ---------------------------------------------------------------------------------------------
+# predict, qc, select: use what was trained on new images
+# ---------------------------------------------------------------------------------------------
+FlagBelowOpt = Annotated[float, typer.Option("--flag-below", min=0.0, max=1.0, help="flag = predicted quality g below this.")]
+TtaOpt = Annotated[int, typer.Option("--tta", help="Flip / rotation views the segmenter averages: 1 (off), 2, 4 or 8; above 1 adds the agreement score.")]
+
+
+@app.command(cls=_Command)
+@command
+def predict(
+    run: Annotated[Path, typer.Argument(help="An ssl or train-weak run: its trained segmenter f.")],
+    images: Annotated[Path, typer.Option("--images", help="Folder of images to segment (any size; grey, RGB or RGBA).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder: masks/, predictions.csv, lowest.png; a rerun skips finished images.", rich_help_panel="Output")],
+    quality_run: QualityOpt("train-quality run whose g scores the masks (default: the run's own g, else the newest completed).") = None,
+    tta: TtaOpt = 4,
+    probs: Annotated[bool, typer.Option("--probs", help="Also write probability maps, probs/<stem>.png (p x 255).")] = False,
+    flag_below: FlagBelowOpt = 0.7,
+    checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last (train-weak runs: the last weak_eNNN.pt).")] = "best",
+    config: ConfigOpt = None, preset: PresetOpt = None, sets: SetOpt = None, device: DeviceOpt = None,
+    json_out: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Segment a folder of new images with a trained f; score each mask without ground truth."""
+    from qgseg.predict import run_predict
+    from qgseg.report import Reporter, kv_table
+
+    ctx = _setup(preset, config, sets, config_options(locals()), json_out, quiet, debug)
+    try:
+        summary = run_predict(ctx.loaded, run, images, out, checkpoint=checkpoint, quality=quality_run, tta=tta,
+                              probs=probs, flag_below=flag_below, reporter=Reporter(quiet=quiet or json_out))
+    except KeyboardInterrupt:
+        print("qgseg: interrupted; rerun the same command to continue (finished masks are kept)", file=sys.stderr)
+        raise typer.Exit(130)
+    _emit(json_out, summary, quiet=quiet, render=lambda: kv_table(f"predict: {summary['images_total']} images -> {summary['out']}",
+                                              {k: v for k, v in summary.items() if k not in ("out", "images")}))
+
+
+@app.command(cls=_Command)
+@command
+def qc(
+    images: Annotated[Path, typer.Option("--images", help="Folder of the images the masks belong to.")],
+    masks: Annotated[Path, typer.Option("--masks", help="Folder of masks from any tool, named after their images (<stem>.png, <stem>_mask.png, ...).")],
+    quality_run: QualityOpt("train-quality run whose g scores the masks (default: the newest completed).") = None,
+    truth: Annotated[Optional[Path], typer.Option("--truth", help="Folder of ground-truth masks: also report how well g matched the true Dice.")] = None,
+    flag_below: FlagBelowOpt = 0.7,
+    fail_below: Annotated[Optional[float], typer.Option("--fail-below", min=0.0, max=1.0, help="Exit with code 4 when any mask scores below this (for CI gates).")] = None,
+    out: OutOpt = None, config: ConfigOpt = None, preset: PresetOpt = None, sets: SetOpt = None,
+    device: DeviceOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Score existing masks (any tool's) with g, worst first; optionally gate on a threshold."""
+    from qgseg.qc import FAIL_EXIT_CODE, run_qc
+    from qgseg.report import kv_table
+
+    ctx = _setup(preset, config, sets, config_options(locals()), json_out, quiet, debug)
+    summary = run_qc(ctx.loaded, images, masks, quality=quality_run, out=out, truth=truth, flag_below=flag_below,
+                     fail_below=fail_below)
+
+    def render():
+        shown = {k: v for k, v in summary.items() if k not in ("match", "images", "masks")}
+        for k, v in (summary.get("match") or {}).items():
+            shown[f"truth: {k}"] = "-" if v is None else v
+        return kv_table(f"qc: g on {summary['scored']} masks (worst first in {summary['csv']})", shown)
+
+    _emit(json_out, summary, render, quiet=quiet)
+    if fail_below is not None and summary["below_fail"]:
+        print(f"qgseg: qc: {summary['below_fail']} of {summary['scored']} masks scored below --fail-below "
+              f"{fail_below:g} (lowest: {summary['lowest'][0]}, g {summary['quality_min']:.3f})", file=sys.stderr)
+        raise typer.Exit(FAIL_EXIT_CODE)
+
+
+@app.command(cls=_Command)
+@command
+def select(
+    model: Annotated[Optional[Path], typer.Option("--model", help="An ssl or train-weak run whose segmenter ranks the pool.")] = None,
+    unlabeled: UnlabeledOpt = None,
+    budget: Annotated[int, typer.Option("--budget", "-n", min=1, help="Images to pick (per round with --simulate).")] = 10,
+    strategy: Annotated[str, typer.Option("--strategy", help="quality, confidence, agreement or random.")] = "quality",
+    quality_run: QualityOpt("train-quality run for the quality strategy (default: the model run's own g, else the newest completed).") = None,
+    tta: TtaOpt = 4,
+    simulate: Annotated[bool, typer.Option("--simulate", help="Measure the strategies with a simulated annotation loop on --labeled data.", rich_help_panel="Simulation")] = False,
+    strategies: Annotated[str, typer.Option("--strategies", help="Strategies to simulate, comma-separated.", rich_help_panel="Simulation")] = "quality,confidence,agreement,random",
+    initial: Annotated[int, typer.Option("--initial", min=2, help="Labeled images at the start (a seeded subset of the training split).", rich_help_panel="Simulation")] = 10,
+    rounds: Annotated[int, typer.Option("--rounds", min=1, help="Annotation rounds.", rich_help_panel="Simulation")] = 2,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds 0..N-1 (initial subset, training, random picks).", rich_help_panel="Simulation")] = 3,
+    labeled: LabeledOpt = None, image_size: SizeOpt = None,
+    config: ConfigOpt = None, preset: PresetOpt = None, sets: SetOpt = None, out: OutOpt = None,
+    seed: SeedOpt = None, device: DeviceOpt = None, json_out: JsonOpt = False, quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Rank unlabeled images for annotation (or, with --simulate, measure the strategies)."""
+    from qgseg.errors import InputError
+    from qgseg.report import kv_table, mean_se_str, rows_table
+
+    ctx = _setup(preset, config, sets, config_options(locals()), json_out, quiet, debug)
+    if simulate:
+        from qgseg.selection import run_simulation
+
+        if model is not None:
+            raise InputError("--model: not used with --simulate (each round trains its own model on --labeled)")
+        if not ctx.config.data.labeled:
+            raise InputError("--labeled: --simulate needs a labeled data folder (or data.labeled in qgseg.toml)")
+        names = [s.strip() for s in strategies.split(",") if s.strip()]
+        try:
+            summary = run_simulation(ctx.loaded, ctx.config.data.labeled, out=out, initial=initial, budget=budget,
+                                     rounds=rounds, seeds=seeds, strategies=names, tta=tta)
+        except KeyboardInterrupt:
+            print("qgseg: interrupted; rerun the same command to continue (finished rounds are kept)",
+                  file=sys.stderr)
+            raise typer.Exit(130)
+        rows = [(r["strategy"], r["round"], r["labeled"], mean_se_str(r["test_dsc"], r["test_dsc_se"] or 0.0),
+                 r["picked_true_dice"] if r["picked_true_dice"] is not None else "-") for r in summary["table"]]
+        _emit(json_out, summary, quiet=quiet, render=lambda: rows_table(
+            f"simulated annotation: test DSC, mean ± s.e. over {summary['seeds']} seeds ({summary['out']})",
+            ["strategy", "round", "labeled", "test DSC", "picked images' Dice before"], rows))
+        return
+    from qgseg.selection import run_select
+
+    if model is None:
+        raise InputError("--model: name the ssl or train-weak run whose segmenter ranks the images")
+    if not ctx.config.data.unlabeled:
+        raise InputError("--unlabeled: name the folder of images to choose from")
+    summary = run_select(ctx.loaded, model, ctx.config.data.unlabeled, budget, strategy=strategy, quality=quality_run,
+                         out=out, tta=tta)
+    _emit(json_out, summary, quiet=quiet, render=lambda: kv_table(f"select {strategy}: {budget} of {summary['pool']} images",
+                                              {k: v for k, v in summary.items() if k != "out"}))
+
+
 @app.command(cls=_Command)
 @command
 def ablate(

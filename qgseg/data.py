@@ -412,13 +412,14 @@ def read_splits_csv(path: Path, stems: Sequence[str]) -> dict[str, list[str]]:
         raise InputError(f"{path}: not UTF-8 text (expected CSV lines 'stem,split')") from None
     except OSError as e:
         raise InputError(f"{path}: cannot read ({e.strerror})") from None
-    first = True  # the header may follow comment lines (the shared CVC-ClinicDB splits.csv does)
+    header_allowed = True  # the first line that is not a comment may be the header (shared CVC: comment first)
     for lineno, row in enumerate(rows, 1):
         if not row or row[0].startswith("#"):
             continue
-        header, first = first and row[0].strip().lower() == "stem", False
-        if header:
+        if header_allowed and row[0].strip().lower() == "stem":
+            header_allowed = False
             continue
+        header_allowed = False
         if len(row) < 2:
             raise InputError(f"{path}:{lineno}: expected 'stem,split'")
         stem, split = row[0].strip(), row[1].strip().lower()

@@ -9,7 +9,7 @@ import torch
 
 from qgseg.data import LabeledData
 from qgseg.errors import InputError
-from qgseg.predict import evaluate_predictions, predict_probs, summarise
+from qgseg.predict import evaluate_predictions, predict_probs, segmentation_checkpoint, summarise
 
 EVAL_STAGES = ("ssl", "train-weak", "train-quality")
 SPLITS = ("train", "val", "test")
@@ -105,18 +105,6 @@ def load_eval_quality(quality: str | None, roots: list[Path], image_size: int, d
     return g.to(device), str(run.path), (f"{note}using {run.path} instead" if note else "")
 
 
-def segmentation_checkpoint(run_path: Path, stage: str, checkpoint: str) -> Path:
-    """best.pt / last.pt of an ssl run; the last stored weak_eNNN.pt of a train-weak run."""
-    ck_dir = run_path / "checkpoints"
-    if stage == "train-weak":
-        weak = sorted(ck_dir.glob("weak_e*.pt"))
-        if not weak:
-            raise InputError(f"RUN {run_path}: no weak checkpoints (checkpoints/weak_eNNN.pt) yet")
-        return weak[-1]
-    path = ck_dir / f"{checkpoint}.pt"
-    if not path.is_file():
-        raise InputError(f"--checkpoint {checkpoint}: {path} does not exist")
-    return path
 
 
 def run_evaluate(loaded: Any, run_dir: str | Path, data_dir: str | Path | None = None, split: str = "test",

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from scipy import ndimage, stats
 
-__all__ = ["dice_per_sample", "iou_per_sample", "hd95_per_sample", "mean_se", "regression_metrics", "e_val",
+__all__ = ["dice_per_sample", "iou_per_sample", "hd95_per_sample", "mean_se", "regression_metrics", "aurc", "e_val",
            "correlation_undefined_reason"]
 
 _CROSS = ndimage.generate_binary_structure(2, 1)
@@ -140,6 +140,27 @@ def correlation_undefined_reason(pred: np.ndarray, true: np.ndarray, what: str =
     if np.ptp(p) == 0:
         return f"the prediction is {p[0]:g} for every one of the {p.size} {what}: a constant has no correlation"
     return ""
+
+
+def aurc(scores: Sequence[float] | np.ndarray, true_dice: Sequence[float] | np.ndarray,
+         fail_below: float = 0.7) -> float:
+    """Area under the risk-coverage curve of a quality score: lower is better.
+
+    Cases are accepted from the highest score down (ties in input order); after accepting k of
+    n, the risk is the share of failures (true Dice < ``fail_below``) among them; AURC is the mean
+    risk over k = 1..n. A score that ranks every failure last reaches the lowest possible value,
+    a random order about the failure rate. Pairs with a NaN are dropped; NaN when none remain.
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    d = np.asarray(true_dice, dtype=np.float64).ravel()
+    if s.shape != d.shape:
+        raise ValueError(f"scores and true_dice differ in length: {s.size} vs {d.size}")
+    ok = ~(np.isnan(s) | np.isnan(d))
+    s, d = s[ok], d[ok]
+    if s.size == 0:
+        return math.nan
+    fail = (d[np.argsort(-s, kind="stable")] < fail_below).astype(np.float64)
+    return float((np.cumsum(fail) / np.arange(1, s.size + 1)).mean())
 
 
 def e_val(val_dsc: Sequence[float], fraction: float = 0.96) -> int:

@@ -124,6 +124,23 @@ def dice_histogram(dice: np.ndarray, path: Path, by_category: list[str] | None =
     return _save(fig, path)
 
 
+def score_histogram(scores: np.ndarray, path: Path, threshold: float | None = None, title: str = "",
+                    xlabel: str = "predicted quality g") -> Path:
+    """Histogram of scores in [0, 1], with the flag threshold as a dashed line."""
+    scores = np.asarray(scores, np.float64)
+    scores = scores[np.isfinite(scores)]
+    fig, ax = plt.subplots(figsize=(7, 4), layout="constrained")
+    ax.hist(scores, bins=np.linspace(0.0, 1.0 + 1e-9, 41), color="tab:blue", histtype="stepfilled")
+    if threshold is not None:
+        ax.axvline(threshold, color="tab:red", ls="--", lw=1.2, label=f"flag below {threshold:g}")
+        ax.legend(fontsize=8, loc="upper left")
+    ax.set_xlim(0, 1.0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("masks")
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
 def quality_scatter(true: np.ndarray, pred: np.ndarray, path: Path, categories: list[str] | None = None,
                     title: str = "", xlabel: str = "true Dice", ylabel: str = "predicted quality g") -> Path:
     """Predicted vs true Dice with the identity line, coloured by category when given."""

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qgseg.config import QW_RULES
-from qgseg.data import LabeledData, to_float_images, to_float_masks
+from qgseg.data import LabeledData, resize_image, resize_mask, to_float_images, to_float_masks
 from qgseg.engine import autocast, saved_module
 from qgseg.errors import InputError, QgsegError
 from qgseg.metrics import regression_metrics
@@ -455,3 +455,21 @@ def no_compatible_g(roots: list[Path], image_size: int) -> str:
                 continue
     other = f" (there are completed ones at {', '.join(f'{s} px' for s in sorted(set(sizes)))})" if sizes else ""
     return f"no completed train-quality run at {image_size} px under {where}{other}"
+
+
+@torch.no_grad()
+def quality_scores(g: Any, images: np.ndarray, masks: np.ndarray, device: torch.device,
+                   batch_size: int = 32) -> np.ndarray:
+    """g(image, mask) per pair: uint8 images (N, H, W, 3) and {0, 1} masks (N, H, W) of one size,
+    resized to g's image size when they differ. ``g`` is a QualityPredictor (anything with
+    ``image_size`` and ``score(images, masks)``)."""
+    size = int(getattr(g, "image_size", 0) or images.shape[1])
+    out = []
+    for i in range(0, len(images), batch_size):
+        im, m = images[i:i + batch_size], masks[i:i + batch_size]
+        if im.shape[1:3] != (size, size):
+            im = np.stack([resize_image(a, size) for a in im])
+            m = np.stack([resize_mask(a, size) for a in m])
+        x = to_float_images(torch.from_numpy(np.ascontiguousarray(im)).to(device))
+        out.append(g.score(x, to_float_masks(torch.from_numpy(np.ascontiguousarray(m))).to(device)).float().cpu().numpy())
+    return np.concatenate(out).astype(float) if out else np.zeros(0)

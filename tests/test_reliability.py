@@ -1010,8 +1010,8 @@ def _readme_shared_options() -> list[tuple[list[str], list[str]]]:
     for line in table.strip().splitlines()[1:]:
         opt, cmds = [c.strip() for c in line.strip().strip("|").split(" | ")]
         options = re.findall(r"`(--[a-z-]+)", opt)
-        everything = ["synth", "inspect", "corrupt", "train-weak", "train-quality", "ssl", "evaluate", "ablate",
-                      "demo", "config show"]
+        everything = ["synth", "inspect", "corrupt", "train-weak", "train-quality", "ssl", "evaluate", "predict",
+                      "qc", "select", "ablate", "demo", "config show"]
         if cmds.startswith("every command but"):
             commands = [c for c in everything if c not in cmds]
         elif cmds == "every command":
