@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["soft_dice_loss", "bce_loss", "seg_loss", "mse_prob_loss", "dice_only_loss"]
+__all__ = ["soft_dice_loss", "bce_loss", "seg_loss", "mse_prob_loss", "dice_only_loss", "pairwise_ranking_loss"]
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -66,3 +66,23 @@ def mse_prob_loss(
 def dice_only_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Soft Dice loss alone (eps 1), per sample: the weak U-Nets' loss (Type 2 masks)."""
     return soft_dice_loss(logits, target)
+
+
+def pairwise_ranking_loss(pred: torch.Tensor, target: torch.Tensor, group: torch.Tensor,
+                          min_gap: float = 0.0) -> torch.Tensor:
+    """Ranking term for g over masks of the same image (scalar).
+
+    For every pair (i, j) of the same ``group`` with target_i - target_j > ``min_gap``, the
+    predicted gap pred_i - pred_j should be at least the true gap:
+    relu((target_i - target_j) - (pred_i - pred_j)), averaged over those pairs. A pair ordered
+    the wrong way costs more than its true gap; a pair ordered right with a wide enough gap
+    costs nothing. 0 (still differentiable) when the batch holds no such pair.
+    """
+    p, t = pred.float().reshape(-1), target.float().reshape(-1)
+    same = group.reshape(-1)[:, None] == group.reshape(-1)[None, :]
+    dt = t[:, None] - t[None, :]
+    use = same & (dt > min_gap)
+    if not bool(use.any()):
+        return p.sum() * 0.0
+    gap = (dt - (p[:, None] - p[None, :]))[use]
+    return F.relu(gap).mean()

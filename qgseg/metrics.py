@@ -14,7 +14,7 @@ import torch
 from scipy import ndimage, stats
 
 __all__ = ["dice_per_sample", "iou_per_sample", "hd95_per_sample", "mean_se", "regression_metrics", "aurc", "e_val",
-           "correlation_undefined_reason"]
+           "correlation_undefined_reason", "spearman", "pairwise_ranking_accuracy"]
 
 _CROSS = ndimage.generate_binary_structure(2, 1)
 
@@ -173,3 +173,50 @@ def e_val(val_dsc: Sequence[float], fraction: float = 0.96) -> int:
         return 0
     reached = np.nan_to_num(v, nan=-np.inf) >= fraction * np.nanmax(v)
     return int(np.argmax(reached)) + 1
+
+
+def spearman(score: Sequence[float] | np.ndarray, true: Sequence[float] | np.ndarray) -> float:
+    """Spearman rank correlation of two sequences; pairs with a NaN are dropped.
+
+    NaN (not an error) for fewer than 2 pairs or a constant input.
+    """
+    s, t = _pairs(score, true)
+    if s.size < 2 or np.ptp(s) == 0 or np.ptp(t) == 0:
+        return math.nan
+    return float(stats.spearmanr(s, t).statistic)
+
+
+def pairwise_ranking_accuracy(score: Sequence[float] | np.ndarray, true: Sequence[float] | np.ndarray,
+                              groups: Sequence | np.ndarray, min_gap: float = 0.01) -> float:
+    """Share of same-group pairs that ``score`` orders like ``true``.
+
+    Only pairs of the same group (e.g. several masks of one image) whose true values differ by at
+    least ``min_gap`` count; a tie in ``score`` counts half. NaN when there is no such pair.
+    """
+    s, t = _pairs(score, true, keep_nan=True)
+    g = np.asarray(groups).ravel()
+    if g.shape != s.shape:
+        raise ValueError(f"groups and scores differ in length: {g.size} vs {s.size}")
+    ok = ~(np.isnan(s) | np.isnan(t))
+    s, t, g = s[ok], t[ok], g[ok]
+    right, pairs = 0.0, 0
+    _, inverse = np.unique(g, return_inverse=True)
+    for k in range(int(inverse.max()) + 1 if inverse.size else 0):
+        sel = inverse == k
+        ds = s[sel][:, None] - s[sel][None, :]
+        dt = t[sel][:, None] - t[sel][None, :]
+        use = dt >= min_gap if min_gap > 0 else dt > 0  # each unordered pair once: the truly better one first
+        pairs += int(use.sum())
+        right += float((ds[use] > 0).sum() + 0.5 * (ds[use] == 0).sum())
+    return right / pairs if pairs else math.nan
+
+
+def _pairs(a, b, keep_nan: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(a, dtype=np.float64).ravel()
+    y = np.asarray(b, dtype=np.float64).ravel()
+    if x.shape != y.shape:
+        raise ValueError(f"the two sequences differ in length: {x.size} vs {y.size}")
+    if keep_nan:
+        return x, y
+    ok = ~(np.isnan(x) | np.isnan(y))
+    return x[ok], y[ok]

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from qgseg.losses import bce_loss, dice_only_loss, mse_prob_loss, seg_loss, soft_dice_loss
+from qgseg.losses import bce_loss, dice_only_loss, mse_prob_loss, pairwise_ranking_loss, seg_loss, soft_dice_loss
 
 BIG = 30.0  # a logit whose sigmoid is 1 to float precision
 
@@ -112,3 +112,19 @@ def test_bfloat16_logits_give_float32_losses():
     logits = torch.randn(2, 1, 4, 4).bfloat16()
     t = (torch.rand(2, 1, 4, 4) > 0.5).float()
     assert seg_loss(logits, t).dtype == torch.float32
+
+
+def test_pairwise_ranking_loss_known_answers():
+    t = torch.tensor([0.8, 0.6, 0.9, 0.1])
+    g = torch.tensor([0, 0, 1, 2])  # only (0, 1) is a same-image pair
+    right = pairwise_ranking_loss(torch.tensor([0.9, 0.5, 0.0, 0.0]), t, g)
+    assert float(right) == pytest.approx(0.0)  # predicted gap 0.4 >= true gap 0.2
+    wrong = torch.tensor([0.5, 0.9, 0.0, 0.0], requires_grad=True)
+    loss = pairwise_ranking_loss(wrong, t, g)
+    assert float(loss.detach()) == pytest.approx(0.2 + 0.4)  # true gap 0.2, predicted gap -0.4
+    loss.backward()
+    assert wrong.grad.tolist() == pytest.approx([-1.0, 1.0, 0.0, 0.0])
+    short = pairwise_ranking_loss(torch.tensor([0.75, 0.7, 0.0, 0.0]), t, g)
+    assert float(short) == pytest.approx(0.15)  # right order, gap 0.05 of 0.2
+    none = pairwise_ranking_loss(torch.tensor([0.5, 0.5, 0.5, 0.5], requires_grad=True), t, torch.arange(4))
+    assert float(none.detach()) == 0.0 and none.requires_grad

@@ -5,7 +5,16 @@ import pytest
 import torch
 from scipy import stats
 
-from qgseg.metrics import dice_per_sample, e_val, hd95_per_sample, iou_per_sample, mean_se, regression_metrics
+from qgseg.metrics import (
+    dice_per_sample,
+    e_val,
+    hd95_per_sample,
+    iou_per_sample,
+    mean_se,
+    pairwise_ranking_accuracy,
+    regression_metrics,
+    spearman,
+)
 
 
 def _masks() -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,3 +148,26 @@ def test_e_val():
     assert e_val([0.5]) == 1
     assert e_val([float("nan"), 0.2, 0.8]) == 3
     assert e_val([]) == 0
+
+
+def test_spearman_known_answers():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)  # 1 - 6 * 2 / (3 * 8)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3])) and math.isnan(spearman([1], [2]))
+    assert spearman([1, 2, np.nan, 3], [1, 2, 0, 3]) == pytest.approx(1.0)  # NaN pairs dropped
+
+
+def test_pairwise_ranking_accuracy_known_answers():
+    true = [0.9, 0.8, 0.5, 0.9, 0.3]
+    groups = ["a", "a", "a", "b", "b"]
+    # image a: pairs (0,1) (0,2) (1,2), image b: (3,4); no pair across images
+    assert pairwise_ranking_accuracy([0.9, 0.8, 0.5, 0.1, 0.2], true, groups) == pytest.approx(3 / 4)
+    assert pairwise_ranking_accuracy([3, 2, 1, 2, 1], true, groups) == pytest.approx(1.0)
+    # a tie in the score counts half; a pair closer than min_gap does not count
+    assert pairwise_ranking_accuracy([1, 1, 0, 1, 0], true, groups) == pytest.approx((0.5 + 1 + 1 + 1) / 4)
+    assert pairwise_ranking_accuracy([0, 1, 0, 1, 0], [0.80, 0.805, 0.2, 0.9, 0.3], groups, min_gap=0.01) == \
+        pytest.approx((0.5 + 1 + 1) / 3)  # (0, 1) is 0.005 apart: left out; (0, 2) a tie; (1, 2), (3, 4) right
+    assert math.isnan(pairwise_ranking_accuracy([1, 2], [0.5, 0.9], ["a", "b"]))
+
+
