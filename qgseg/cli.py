@@ -400,6 +400,39 @@ def _summary_table(title: str, summary: dict[str, Any], skip: tuple[str, ...] = 
     return kv_table(title, {k: v for k, v in summary.items() if k not in skip})
 
 
+_REAL_ROWS = (  # (metric key, what it says); each for g, the segmenter's confidence and its flip agreement
+    ("pearson", "Pearson with the true Dice"),
+    ("spearman", "Spearman with the true Dice"),
+    ("spearman_dice_ge_0.8", "Spearman among masks with true Dice >= 0.8"),
+    ("pairwise_accuracy", "same-image pairs put in the right order"),
+    ("aurc", "AURC, failure = Dice < 0.8 (lower is better)"),
+)
+
+
+def _real_table(summary: dict[str, Any], splits: tuple[str, ...]) -> Any:
+    """g against the two signals that need no g, on real predictions (train-quality and evaluate)."""
+    from qgseg.report import rows_table
+
+    cols, rows = ["metric"], []
+    for sp in splits:
+        name = f"{sp.rstrip('_')}: " if sp else ""
+        cols += [f"{name}g", f"{name}confidence", f"{name}agreement"]
+    for key, text in _REAL_ROWS:
+        rows.append([text] + [summary.get(f"{sp}real_{sig}{key}") for sp in splits
+                              for sig in ("", "confidence_", "agreement_")])
+    for key, text in (("masks", "masks"), ("mean_dice", "mean true Dice"),
+                      ("failure_rate", "failure rate (a random ranking's AURC)"),
+                      ("aurc_oracle", "AURC of the perfect ranking"), ("mae", "g's MAE")):
+        vals = []
+        for sp in splits:
+            v = summary.get(f"{sp}real_{key}")
+            vals += [f"{v} ({summary.get(f'{sp}real_images')} images)" if key == "masks" else v, "", ""]
+        rows.append([text] + vals)
+    title = (f"real predictions of segmenters that never saw the images ({summary.get('real_weak_run', '')}): "
+             "g against the segmenter's confidence and flip agreement")
+    return rows_table(title, cols, rows)
+
+
 @app.command(cls=_Command)
 @command
 def corrupt(
@@ -484,8 +517,16 @@ def train_quality(
     from qgseg.train_quality import run_train_quality
 
     run, summary = run_train_quality(ctx.loaded, out=out, resume=resume, reporter=Reporter(quiet=quiet))
-    _emit(json_out, summary, lambda: _summary_table(f"quality predictor g ({summary['run']})", summary,
-                                                     skip=("run", "stage")), quiet=quiet)
+    def render():
+        from rich.console import Group
+
+        plain = {k: v for k, v in summary.items() if "real_" not in k or k == "real_note"}
+        table = _summary_table(f"quality predictor g ({summary['run']})", plain, skip=("run", "stage"))
+        if "test_real_masks" not in summary:
+            return table
+        return Group(table, _real_table(summary, ("val_", "test_")))
+
+    _emit(json_out, summary, render, quiet=quiet)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,6 +540,7 @@ def evaluate(
     split: Annotated[str, typer.Option("--split", help="Split of the run's own data: train, val or test.")] = "test",
     checkpoint: Annotated[str, typer.Option("--checkpoint", help="best or last (train-weak runs: the last weak_eNNN.pt).")] = "best",
     quality_run: QualityOpt("train-quality run for the predicted-quality column (default: the g an ssl run was trained with, else the newest compatible one, as ssl chooses).") = None,
+    weak: Annotated[Optional[str], typer.Option("--weak", help="train-quality runs: the train-weak run whose real predictions g scores (default: the one recorded with g).")] = None,
     config: ConfigOpt = None, preset: PresetOpt = None, sets: SetOpt = None, device: DeviceOpt = None,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder (default: RUN/eval/<split or data set>).", rich_help_panel="Output")] = None,
     json_out: JsonOpt = False, quiet: QuietOpt = False, debug: DebugOpt = False,
@@ -509,14 +551,17 @@ def evaluate(
     from qgseg.report import kv_table, mean_se_str
 
     _, summary = run_evaluate(ctx.loaded, run, data_dir=data, split=split, checkpoint=checkpoint, quality=quality_run,
-                              out=out)
+                              out=out, weak=weak)
 
     def render():
         s = summary
         if s["stage"] == "train-quality":
+            from rich.console import Group
+
             skip = ("run", "stage", "out", "mae_by_category")
-            return kv_table(f"g on {s['dataset']} ({s['run']}; output {s['out']})",
-                            {k: v for k, v in s.items() if k not in skip})
+            table = kv_table(f"g on {s['dataset']} ({s['run']}; output {s['out']})",
+                             {k: v for k, v in s.items() if k not in skip and ("real_" not in k or k == "real_note")})
+            return Group(table, _real_table(s, ("",))) if "real_masks" in s else table
         shown: dict[str, Any] = {"run": s["run"], "checkpoint": s["checkpoint"], "cases": s["cases"],
                                  "DSC": mean_se_str(s.get("dsc"), s.get("dsc_se") or 0.0),
                                  "IoU": mean_se_str(s.get("iou"), s.get("iou_se") or 0.0),

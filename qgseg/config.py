@@ -39,6 +39,7 @@ class CorruptConfig:
     k: int = 50
     p_weak: float = 0.05
     eval_k: int = 10  # corrupted masks per val/test image for g's evaluation
+    p_fold: float = 0.0  # share of training masks that are out-of-fold predictions (needs weak.folds)
     run: str = ""  # a corrupt run to reuse; "" = generate
 
 
@@ -50,6 +51,8 @@ class WeakConfig:
     arch: str = "unet"
     encoder: str = "resnet18"
     run: str = ""  # a train-weak run for Type 2 masks; "" = newest completed, if any
+    folds: int = 0  # out-of-fold segmenters on the training images (0 = off, else >= 2)
+    fold_epochs_at: tuple = ()  # epochs after which a fold model predicts its held-out fold (() = epochs_at)
 
 
 @dataclass(frozen=True)
@@ -166,9 +169,13 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "corrupt.k": (lambda v: v >= 1, "an integer >= 1"),
     "corrupt.p_weak": (lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
     "corrupt.eval_k": (lambda v: v >= 1, "an integer >= 1"),
+    "corrupt.p_fold": (lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1]"),
     "weak.epochs_at": (lambda v: len(v) > 0 and all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in v)
                        and list(v) == sorted(set(v)), "increasing epoch numbers >= 1, e.g. [1, 3, 5]"),
     "weak.batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "weak.folds": (lambda v: v == 0 or v >= 2, "0 (off) or an integer >= 2"),
+    "weak.fold_epochs_at": (lambda v: all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in v)
+                            and list(v) == sorted(set(v)), "increasing epoch numbers >= 1, or [] for weak.epochs_at"),
     "weak.lr": (lambda v: v > 0, "a number > 0"),
     "quality.epochs": (lambda v: v >= 1, "an integer >= 1"),
     "quality.batch_size": (lambda v: v >= 2, "an integer >= 2"),

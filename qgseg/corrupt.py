@@ -843,7 +843,8 @@ def _sample_rngs(seed: int, cases: np.ndarray, k: int) -> list[np.random.Generat
 
 def corrupt_dataset(masks: np.ndarray, k: int, seed: int, weak: np.ndarray | None = None,
                     p_weak: float = 0.05, workers: int = 1, block: int = 64,
-                    progress: Callable[[int], None] | None = None) -> CorruptedSet:
+                    progress: Callable[[int], None] | None = None, fold: np.ndarray | None = None,
+                    p_fold: float = 0.0) -> CorruptedSet:
     """K corrupted masks per input mask.
 
     Sample j of case i uses its own rng ``np.random.default_rng([seed, i, j])`` (made in bulk by
@@ -851,29 +852,37 @@ def corrupt_dataset(masks: np.ndarray, k: int, seed: int, weak: np.ndarray | Non
     cases are corrupted in blocks of `block` cases, in this process (``workers`` <= 1) or in
     `workers` spawned processes. ``weak``: optional (C,N,H,W) uint8 predictions of C weak-model
     checkpoints; with probability ``p_weak`` a sample is instead the prediction of a uniformly
-    chosen checkpoint (category "weak", ops "weak_ckpt<c>"). ``progress(n)`` is called after each
-    block with its number of masks.
+    chosen checkpoint (category "weak", ops "weak_ckpt<c>"). ``fold``: optional (C,N,H,W)
+    out-of-fold predictions (row i by models that never trained on case i); with probability
+    ``p_fold`` a sample is one of them, uniformly chosen (category "fold", ops "fold_ckpt<c>").
+    Without ``fold`` (or with p_fold 0) the draws are exactly those of a set made without it.
+    ``progress(n)`` is called after each block with its number of masks.
     """
     if k < 1:
         raise InputError(f"corrupt.k: expected a positive integer, got {k}")
     if not 0.0 <= p_weak <= 1.0:
         raise InputError(f"corrupt.p_weak: expected a probability in [0, 1], got {p_weak}")
+    if not 0.0 <= p_fold <= 1.0:
+        raise InputError(f"corrupt.p_fold: expected a probability in [0, 1], got {p_fold}")
     if block < 1:
         raise InputError(f"corrupt_dataset: block must be a positive integer, got {block}")
     cor = Corruptor(masks)
     n, h, w = cor.masks.shape
-    if weak is not None:
-        weak = np.asarray(weak)
-        if weak.ndim != 4 or weak.shape[1:] != (n, h, w) or weak.shape[0] < 1:
-            raise InputError(f"weak: expected (C,{n},{h},{w}) predictions, got shape {weak.shape}")
-    jobs = [(seed, k, p_weak, a, min(a + block, n)) for a in range(0, n, block)]
+    for name, extra in (("weak", weak), ("fold", fold)):
+        if extra is not None:
+            shape = np.shape(extra)
+            if len(shape) != 4 or shape[1:] != (n, h, w) or shape[0] < 1:
+                raise InputError(f"{name}: expected (C,{n},{h},{w}) predictions, got shape {shape}")
+    weak = np.asarray(weak) if weak is not None else None
+    fold = np.asarray(fold) if fold is not None and p_fold > 0 else None
+    jobs = [(seed, k, p_weak, p_fold, a, min(a + block, n)) for a in range(0, n, block)]
     if workers > 1 and len(jobs) > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         # spawn, not fork: the caller may hold torch / OpenMP threads that a forked child inherits broken
         with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_init_worker, initargs=(cor.masks, weak)) as pool:
+                                 initializer=_init_worker, initargs=(cor.masks, weak, fold)) as pool:
             parts = []
             for part in pool.map(_worker_block, jobs):
                 parts.append(part)
@@ -882,7 +891,7 @@ def corrupt_dataset(masks: np.ndarray, k: int, seed: int, weak: np.ndarray | Non
     else:
         parts = []
         for job in jobs:
-            parts.append(_corrupt_block(cor, weak, *job))
+            parts.append(_corrupt_block(cor, weak, fold, *job))
             if progress is not None:
                 progress(len(parts[-1][1]))
     return CorruptedSet(case=np.repeat(np.arange(n, dtype=np.int32), k),
@@ -891,8 +900,9 @@ def corrupt_dataset(masks: np.ndarray, k: int, seed: int, weak: np.ndarray | Non
                         category=[c for p in parts for c in p[2]], ops=[o for p in parts for o in p[3]])
 
 
-def _corrupt_block(cor: Corruptor, weak: np.ndarray | None, seed: int, k: int, p_weak: float, start: int,
-                   stop: int) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+def _corrupt_block(cor: Corruptor, weak: np.ndarray | None, fold: np.ndarray | None, seed: int, k: int,
+                   p_weak: float, p_fold: float, start: int, stop: int
+                   ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """Samples 0..k-1 of cases start..stop-1: masks, Dice, categories and op names."""
     h, w = cor.masks.shape[1:]
     out = np.empty(((stop - start) * k, h, w), np.uint8)
@@ -904,7 +914,12 @@ def _corrupt_block(cor: Corruptor, weak: np.ndarray | None, seed: int, k: int, p
     for i in range(start, stop):
         for _ in range(k):
             rng = rngs[row]
-            if weak is not None and rng.random() < p_weak:
+            if fold is not None and rng.random() < p_fold:
+                c = int(rng.integers(0, fold.shape[0]))
+                out[row] = fold[c, i] != 0
+                category.append("fold")
+                ops.append(f"fold_ckpt{c}")
+            elif weak is not None and rng.random() < p_weak:
                 c = int(rng.integers(0, weak.shape[0]))
                 out[row] = weak[c, i] != 0
                 category.append("weak")
@@ -922,12 +937,12 @@ def _corrupt_block(cor: Corruptor, weak: np.ndarray | None, seed: int, k: int, p
 _WORKER: dict[str, object] = {}
 
 
-def _init_worker(masks: np.ndarray, weak: np.ndarray | None) -> None:
-    _WORKER["cor"], _WORKER["weak"] = Corruptor(masks), weak
+def _init_worker(masks: np.ndarray, weak: np.ndarray | None, fold: np.ndarray | None = None) -> None:
+    _WORKER["cor"], _WORKER["weak"], _WORKER["fold"] = Corruptor(masks), weak, fold
 
 
 def _worker_block(job: tuple) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
-    return _corrupt_block(_WORKER["cor"], _WORKER["weak"], *job)
+    return _corrupt_block(_WORKER["cor"], _WORKER["weak"], _WORKER["fold"], *job)
 
 
 def _encode(strings: list[str]) -> np.ndarray:
@@ -971,8 +986,8 @@ def load_set(path: Path) -> CorruptedSet:
 # D_Q and the ``qgseg corrupt`` command
 #
 # D_Q pairs each training image with K corrupted versions of its mask (Type 1 synthetic
-# corruptions and, with probability p_weak, Type 2 weak-model predictions) and their Dice to the
-# ground truth. Validation and test sets are corruptions of the val and test images with a seed
+# corruptions and, with probability p_weak, Type 2 weak-model predictions, with p_fold out-of-fold
+# predictions) and their Dice to the ground truth. Validation and test sets are corruptions of the val and test images with a seed
 # fixed by the split seed, so every g trained on the same split is judged on the same masks.
 
 SPLIT_SALT = {"train": 0, "val": 1, "test": 2}
@@ -985,9 +1000,12 @@ def eval_seed(salt: int, split_seed: int) -> int:
 
 
 def build_dq(cfg: Config, data: LabeledData, splits: dict[str, list[str]],
-             weak: np.ndarray | None, reporter: Reporter | None = None) -> dict[str, CorruptedSet]:
+             weak: np.ndarray | None, reporter: Reporter | None = None,
+             fold: np.ndarray | None = None) -> dict[str, CorruptedSet]:
     """Corrupted sets for train (K per image, seed = cfg.seed) and val / test (eval_k per image,
-    seeds fixed by data.split_seed). ``reporter``: one progress bar over all masks of the three splits."""
+    seeds fixed by data.split_seed). ``reporter``: one progress bar over all masks of the three splits.
+    Out-of-fold masks (``fold``, (C, N_train, H, W) in the order of the training cases) enter the
+    training set only: val and test stay the same for every g."""
     from qgseg.data import positions
 
     pos = positions(data.stems)
@@ -1004,7 +1022,9 @@ def build_dq(cfg: Config, data: LabeledData, splits: dict[str, list[str]],
         else:
             k, seed = cfg.corrupt.eval_k, eval_seed(SPLIT_SALT[split], cfg.data.split_seed)
         w = weak[:, idx] if weak is not None else None
-        out[split] = corrupt_dataset(data.masks[idx], k, seed, weak=w, p_weak=cfg.corrupt.p_weak, progress=advance)
+        f = fold if split == "train" else None
+        out[split] = corrupt_dataset(data.masks[idx], k, seed, weak=w, p_weak=cfg.corrupt.p_weak, progress=advance,
+                                     fold=f, p_fold=cfg.corrupt.p_fold if f is not None else 0.0)
     return out
 
 
@@ -1064,9 +1084,9 @@ def run_corrupt(loaded, out: Path | str | None = None, resume: bool = False,
     run, cfg, _ = start_run("corrupt", loaded, out, resume)
     with run.guard():
         data, splits = labeled_and_splits(cfg, run)
-        weak, weak_run = weak_predictions(cfg, data, "weak.run" in loaded.explicit)
+        weak, fold, weak_run = weak_predictions(cfg, data, "weak.run" in loaded.explicit, splits["train"])
         with (reporter or Reporter(enabled=False)) as rep:
-            sets = build_dq(cfg, data, splits, weak, rep)
+            sets = build_dq(cfg, data, splits, weak, rep, fold)
         frames = []
         for split, cs in sets.items():
             save_set(cs, run.path / f"dq_{split}.npz")

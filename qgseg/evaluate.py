@@ -108,14 +108,17 @@ def load_eval_quality(quality: str | None, roots: list[Path], image_size: int, d
 
 
 def run_evaluate(loaded: Any, run_dir: str | Path, data_dir: str | Path | None = None, split: str = "test",
-                 checkpoint: str = "best", quality: str | None = None, out: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
+                 checkpoint: str = "best", quality: str | None = None, out: str | Path | None = None,
+                 weak: str | None = None) -> tuple[Path, dict[str, Any]]:
     """Evaluate a stored run into ``RUN/eval/<split or data set name>/`` (the run itself is not changed).
 
     ssl / train-weak runs: per-case DSC, IoU, HD95 and predicted quality g(x, prediction)
     (``cases.csv``), mean +- s.e., g's correlation with the true DSC, a scatter plot and an overlay
     montage of the best and worst cases. train-quality runs: g's metrics and grounding checks on
-    corrupted masks of the cases (``masks.csv``) and scatter plots. ``data_dir`` evaluates on all
-    cases of another labeled data set.
+    corrupted masks of the cases (``masks.csv``) and scatter plots, and on the cases' real
+    predictions stored in a train-weak run (``weak``, default the one recorded with g) by models
+    that never trained on them (``real_*`` keys, ``real_predictions.csv``). ``data_dir``
+    evaluates on all cases of another labeled data set.
     """
     import logging
 
@@ -152,7 +155,8 @@ def run_evaluate(loaded: Any, run_dir: str | Path, data_dir: str | Path | None =
                             "out": str(out_dir)}
     try:
         if stage == "train-quality":
-            summary = _evaluate_quality(run, rcfg, data, rows, bool(data_dir), split, checkpoint, device, out_dir)
+            summary = _evaluate_quality(run, rcfg, data, rows, bool(data_dir), split, checkpoint, device, out_dir,
+                                        weak, loaded.config.runs_root)
         else:
             roots = _quality_roots(loaded.config.runs_root, run_path)
             summary = _evaluate_segmentation(run, stage, data, rows, checkpoint, quality, roots, device, out_dir)
@@ -214,8 +218,10 @@ def _evaluate_segmentation(run: Any, stage: str, data: LabeledData, rows: np.nda
 
 
 def _evaluate_quality(run: Any, rcfg: Any, data: LabeledData, rows: np.ndarray, foreign: bool, split: str,
-                      checkpoint: str, device: torch.device, out_dir: Path) -> dict[str, Any]:
-    """g on corrupted masks of the cases: the same D_Q val/test sets train-quality made for a split."""
+                      checkpoint: str, device: torch.device, out_dir: Path, weak_link: str | None = None,
+                      runs_root: str = "runs") -> dict[str, Any]:
+    """g on corrupted masks of the cases: the same D_Q val/test sets train-quality made for a split;
+    and (on the run's own data) on the cases' real predictions of a train-weak run."""
     from qgseg import plots
     from qgseg.corrupt import FOREIGN_SALT, SPLIT_SALT, corrupt_dataset, eval_seed
     from qgseg.engine import load_modules, saved_module
@@ -265,4 +271,28 @@ def _evaluate_quality(run: Any, rcfg: Any, data: LabeledData, rows: np.ndarray, 
                           title=f"g on {out_dir.name}: MAE {metrics['mae']:.3f}, Pearson {metrics['pearson']:.3f}")
     plots.grounding_scatter(true, pred, table["pred_shuffled_image"].to_numpy(float),
                             table["pred_zero_image"].to_numpy(float), out_dir / "plots" / "grounding.png")
+    if not foreign:
+        summary.update(_real_predictions(run, g, data, rows, weak_link, runs_root, device, out_dir))
     return summary
+
+
+def _real_predictions(run: Any, g: Any, data: LabeledData, rows: np.ndarray, weak_link: str | None,
+                      runs_root: str, device: torch.device, out_dir: Path) -> dict[str, Any]:
+    """g on the cases' real predictions (``qgseg.quality.real_report``): ``real_*`` keys."""
+    from qgseg.quality import real_report
+    from qgseg.runs import Run, resolve_link
+
+    if weak_link:
+        source, option = resolve_link(weak_link, runs_root, "train-weak", "--weak"), "--weak"
+    else:
+        done = (run.path / "summary.json").is_file()
+        path = (run.summary.get("real_weak_run", "") if done else "") or run.meta.get("weak_run", "")
+        if not path:
+            return {"real_note": "no train-weak run recorded with g: pass --weak RUN to score real predictions"}
+        source, option = Run(path), "the train-weak run recorded with g"
+    try:
+        metrics, table = real_report(g, data, rows, [data.stems[i] for i in rows], source, device, option)
+    except (InputError, OSError) as e:
+        return {"real_note": f"real predictions left out: {e}"}
+    table.to_csv(out_dir / "real_predictions.csv", index=False)
+    return {"real_weak_run": str(source.path), **{f"real_{k}": v for k, v in metrics.items()}}

@@ -41,6 +41,44 @@ def predict_probs(model: torch.nn.Module, images: np.ndarray, device: torch.devi
     return np.concatenate(out) if out else np.zeros((0,) + images.shape[1:3], np.float32)
 
 
+SIGNAL_VIEWS = ("hflip", "vflip")  # re-predictions of the agreement signal
+
+
+@torch.no_grad()
+def predict_with_signals(model: torch.nn.Module, images: np.ndarray, device: torch.device,
+                         batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A segmenter's thresholded predictions and two quality signals that need no g.
+
+    Returns (masks (N, H, W) uint8, confidence (N,), agreement (N,)). confidence: the mean
+    probability inside the prediction (for an empty prediction, the mean of 1 - p over the
+    image). agreement: the mean Dice between the prediction and the model's re-predictions of
+    the horizontally and vertically flipped image (flipped back); 1 when all are empty.
+    """
+    from qgseg.engine import autocast
+
+    model.eval()
+    masks, conf, agree = [], [], []
+    for i in range(0, len(images), batch_size):
+        x = to_float_images(torch.from_numpy(images[i:i + batch_size]).to(device))
+        n = len(x)
+        with autocast(device):
+            logits = model(torch.cat((x, x.flip(-1), x.flip(-2))))
+        p = torch.sigmoid(logits.float())[:, 0]
+        p0, again = p[:n], (p[n:2 * n].flip(-1), p[2 * n:].flip(-2))
+        m = p0 > 0.5
+        inside = m.flatten(1).sum(1)
+        c = torch.where(inside > 0, (p0 * m).flatten(1).sum(1) / inside.clamp_min(1),
+                        (1 - p0).flatten(1).mean(1))
+        a = torch.stack([dice_per_sample(m, q > 0.5) for q in again]).mean(0)
+        masks.append(m.to(torch.uint8).cpu().numpy())
+        conf.append(c.cpu().numpy())
+        agree.append(a.cpu().numpy())
+    if not masks:
+        empty = np.zeros(0, np.float64)
+        return np.zeros((0,) + images.shape[1:3], np.uint8), empty, empty
+    return np.concatenate(masks), np.concatenate(conf).astype(np.float64), np.concatenate(agree).astype(np.float64)
+
+
 def evaluate_predictions(data: LabeledData, probs: np.ndarray, quality: Any = None,
                          device: torch.device | None = None, with_hd95: bool = True) -> pd.DataFrame:
     """Per-case table: stem, dsc, iou, hd95 and (when g is given) predicted quality g(x, prediction)."""

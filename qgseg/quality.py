@@ -1,6 +1,7 @@
 """The quality predictor g(x, m) ~ Dice(m, y) in one place: the network, loading it from a
 checkpoint or a train-quality run, and scoring with it (flip / rotation views, the frozen
-predictor phase 2 uses for QAR and QW weights, and g's metrics on corrupted masks).
+predictor phase 2 uses for QAR and QW weights, g's metrics on corrupted masks, and on real
+predictions next to the segmenter's own confidence and flip agreement).
 """
 from __future__ import annotations
 
@@ -473,3 +474,62 @@ def quality_scores(g: Any, images: np.ndarray, masks: np.ndarray, device: torch.
         x = to_float_images(torch.from_numpy(np.ascontiguousarray(im)).to(device))
         out.append(g.score(x, to_float_masks(torch.from_numpy(np.ascontiguousarray(m))).to(device)).float().cpu().numpy())
     return np.concatenate(out).astype(float) if out else np.zeros(0)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# g on real predictions, against the signals that need no g
+# ---------------------------------------------------------------------------------------------
+REAL_FAILURE_DICE = 0.8  # AURC: a real prediction with true Dice below this is a failure
+REAL_HIGH_DICE = 0.8  # Spearman among the good predictions (true Dice >= this)
+REAL_PAIR_GAP = 0.01  # pairwise accuracy: pairs of one image whose true Dice differ by at least this
+REAL_SIGNALS = {"": "g", "confidence_": "segmenter confidence", "agreement_": "flip agreement"}
+
+
+def real_metrics(scores: dict[str, np.ndarray], dice: np.ndarray, case: np.ndarray) -> dict[str, float]:
+    """How well each score ranks real predictions by their true Dice.
+
+    ``scores`` maps a key prefix ("" for g, "confidence_", "agreement_") to one score per mask.
+    Per signal: Pearson, Spearman, Spearman among masks with true Dice >= REAL_HIGH_DICE,
+    same-image pairwise ranking accuracy and AURC with failure = true Dice < REAL_FAILURE_DICE
+    (risk-coverage: keep the most trusted masks first). Plus g's MAE and, to read AURC against,
+    the failure rate (a random ranking's AURC) and the oracle's AURC (masks by true Dice).
+    """
+    from qgseg.metrics import aurc, pairwise_ranking_accuracy, spearman
+
+    fail = (dice < REAL_FAILURE_DICE).astype(np.float64)
+    hi = dice >= REAL_HIGH_DICE
+    out: dict[str, float] = {"masks": int(len(dice)), "images": int(len(np.unique(case))),
+                             "mean_dice": float(dice.mean()) if len(dice) else float("nan"),
+                             "failure_rate": float(fail.mean()) if len(dice) else float("nan"),
+                             "aurc_oracle": aurc(dice, dice, REAL_FAILURE_DICE)}
+    for prefix, score in scores.items():
+        r = regression_metrics(score, dice)
+        out[f"{prefix}pearson"], out[f"{prefix}spearman"] = r["pearson"], r["spearman"]
+        out[f"{prefix}spearman_dice_ge_{REAL_HIGH_DICE}"] = spearman(score[hi], dice[hi]) if hi.sum() > 2 else float("nan")
+        out[f"{prefix}pairwise_accuracy"] = pairwise_ranking_accuracy(score, dice, case, REAL_PAIR_GAP)
+        out[f"{prefix}aurc"] = aurc(score, dice, REAL_FAILURE_DICE) if np.isfinite(score).all() else float("nan")
+        if prefix == "":
+            out["mae"] = r["mae"]
+    return out
+
+
+def real_report(g, data: LabeledData, rows: np.ndarray, stems: list[str], weak_run: Run,
+                device: torch.device, option: str = "--weak") -> tuple[dict[str, float], pd.DataFrame]:
+    """g on the real predictions of the cases ``stems`` (data rows ``rows``) stored in a
+    train-weak run by models that never trained on them, next to the segmenters' confidence and
+    flip agreement; metrics (see :func:`real_metrics`) and a per-mask table."""
+    from qgseg.corrupt import CorruptedSet
+    from qgseg.weak import load_real_predictions
+
+    real = load_real_predictions(weak_run, stems, data.image_size, option)
+    cs = CorruptedSet(real.case.astype(np.int32), real.masks, real.dice.astype(np.float32), list(real.source),
+                      [""] * len(real))
+    pred = predict_quality(g, torch.from_numpy(data.images), rows, cs, device)
+    metrics = real_metrics({"": pred, "confidence_": real.confidence, "agreement_": real.agreement},
+                           real.dice, real.case)
+    table = pd.DataFrame({"stem": [stems[c] for c in real.case], "source": real.source, "dice": real.dice,
+                          "pred": pred, "confidence": real.confidence, "agreement": real.agreement})
+    return metrics, table

@@ -2,7 +2,8 @@
 
 Epoch 1 trains on D_Q's training masks (from ``--corrupt RUN`` or made here), later epochs on
 fresh draws under ``quality.resample``; g's val loss picks best.pt (or the last epoch), and the
-best g is tested on the test split's corrupted masks with the grounding checks.
+best g is tested on the test split's corrupted masks with the grounding checks, and on the val
+and test images' real predictions by segmenters that never saw them (see quality.real_report).
 """
 from __future__ import annotations
 
@@ -20,10 +21,10 @@ from qgseg.config import Config, QualityConfig, load_run_config
 from qgseg.corrupt import CorruptedSet, build_dq, corrupt_dataset, labeled_and_splits, load_dq
 from qgseg.engine import FitSettings, Task, fit_and_restore_best, fused_optimizer, resolve_device
 from qgseg.metrics import correlation_undefined_reason, regression_metrics
-from qgseg.quality import grounding_checks, mae_by_category, predict_quality, quality_report
+from qgseg.quality import grounding_checks, mae_by_category, predict_quality, quality_report, real_report
 from qgseg.report import Reporter
 from qgseg.runs import Run, resolve_link, start_run
-from qgseg.weak import weak_predictions
+from qgseg.weak import find_weak_run, weak_predictions
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,8 @@ class Resample:
     p_weak: float
     seed: int
     max_masks: int = 0  # quality.masks_per_epoch: draw no more than K per case an epoch can use
+    fold: np.ndarray | None = None  # (C', N, H, W) out-of-fold masks of the same cases, or None
+    p_fold: float = 0.0
 
     def draw(self, epoch: int) -> CorruptedSet:
         from qgseg.engine import epoch_seed
@@ -44,7 +47,8 @@ class Resample:
         k = self.k
         if self.max_masks:
             k = min(k, -(-self.max_masks // len(self.masks)))
-        return corrupt_dataset(self.masks, k, epoch_seed(self.seed, epoch, 2), weak=self.weak, p_weak=self.p_weak)
+        return corrupt_dataset(self.masks, k, epoch_seed(self.seed, epoch, 2), weak=self.weak, p_weak=self.p_weak,
+                               fold=self.fold, p_fold=self.p_fold)
 
 
 class QualityTask(Task):
@@ -149,29 +153,32 @@ def _dq(cfg: Config, data: D.LabeledData, splits: dict[str, list[str]], weak_exp
         ) -> tuple[dict[str, CorruptedSet], str, dict[str, np.ndarray], Resample | None]:
     """(D_Q's sets, the weak run of its Type 2 masks, data rows per split, the per-epoch resampler or None).
 
-    D_Q comes from ``--corrupt RUN`` (whose K, p_weak and weak run the resampler then uses) or is
-    made here from the newest fitting / the explicit weak run.
+    D_Q comes from ``--corrupt RUN`` (whose K, p_weak, p_fold and weak run the resampler then uses)
+    or is made here from the newest fitting / the explicit weak run.
     """
-    k, p_weak = cfg.corrupt.k, cfg.corrupt.p_weak
+    k, p_weak, p_fold = cfg.corrupt.k, cfg.corrupt.p_weak, cfg.corrupt.p_fold
     if cfg.corrupt.run:
         src = resolve_link(cfg.corrupt.run, cfg.runs_root, "corrupt", "--corrupt")
         sets, weak_run = load_dq(src, cfg, splits), src.summary.get("weak_run", "")
         src_cfg = load_run_config(src.path)
-        k, p_weak = src_cfg.corrupt.k, src_cfg.corrupt.p_weak
-        weak = None
-        if cfg.quality.resample and weak_run and p_weak > 0:  # later epochs draw from the same weak run
-            from qgseg.weak import load_weak_predictions
+        k, p_weak, p_fold = src_cfg.corrupt.k, src_cfg.corrupt.p_weak, src_cfg.corrupt.p_fold
+        weak = fold = None
+        if cfg.quality.resample and weak_run and (p_weak > 0 or p_fold > 0):  # later epochs: the same weak run
+            from qgseg.weak import load_fold_predictions, load_weak_predictions
             wrun = resolve_link(weak_run, cfg.runs_root, "train-weak", f"--corrupt {src.path}: its weak run")
-            weak, _ = load_weak_predictions(wrun, data.stems, data.image_size, "--corrupt")
+            if p_weak > 0:
+                weak, _ = load_weak_predictions(wrun, data.stems, data.image_size, "--corrupt")
+            if p_fold > 0:
+                fold = load_fold_predictions(wrun, splits["train"], data.image_size, "--corrupt")
     else:
-        weak, weak_run = weak_predictions(cfg, data, weak_explicit)
-        sets = build_dq(cfg, data, splits, weak)
+        weak, fold, weak_run = weak_predictions(cfg, data, weak_explicit, splits["train"])
+        sets = build_dq(cfg, data, splits, weak, fold)
     pos = D.positions(data.stems)
     rows = {s: np.array([pos[x] for x in v]) for s, v in splits.items()}
     resample = None
     if cfg.quality.resample:
         resample = Resample(data.masks[rows["train"]], weak[:, rows["train"]] if weak is not None else None,
-                            k, p_weak, cfg.seed, cfg.quality.masks_per_epoch)
+                            k, p_weak, cfg.seed, cfg.quality.masks_per_epoch, fold, p_fold)
     return sets, weak_run, rows, resample
 
 
@@ -198,6 +205,22 @@ def _test(run: Run, cfg: Config, task: QualityTask, data: D.LabeledData, test_st
             **{f"test_{k}": v for k, v in metrics.items()},
             "test_mae_by_category": {k: float(v) for k, v in per_cat["mae"].items()},
             "_reasons": {k: why for k in ("test_pearson", "test_spearman")} if why else {}}
+
+
+def _real(run: Run, cfg: Config, task: QualityTask, data: D.LabeledData, splits: dict[str, list[str]],
+          weak_run: str) -> dict[str, Any]:
+    """The best g on the val and test images' real predictions (``qgseg.quality.real_report``) from
+    D_Q's train-weak run, else the newest of this data: ``<split>_real_*`` keys and tables."""
+    source = Run(weak_run) if weak_run else find_weak_run(cfg, data, False)
+    if source is None:
+        return {"real_note": "no train-weak run of this data: no real predictions to score"}
+    out: dict[str, Any] = {"real_weak_run": str(source.path)}
+    for split in ("val", "test"):
+        metrics, table = real_report(task.g, data, task.case_index[split], splits[split], source, task.device,
+                                     "train-weak run")
+        table.to_csv(run.path / f"{split}_real_predictions.csv", index=False)
+        out.update({f"{split}_real_{k}": v for k, v in metrics.items()})
+    return out
 
 
 def run_train_quality(loaded, out: Path | str | None = None, resume: bool = False,
@@ -233,6 +256,7 @@ def run_train_quality(loaded, out: Path | str | None = None, resume: bool = Fals
         if fit is None:
             return run, {}  # rank 0 evaluates on test and writes the summary
         summary = _test(run, cfg, task, data, splits["test"], fit)
+        summary.update(_real(run, cfg, task, data, splits, weak_run))
         reasons = summary.pop("_reasons")
         summary = run.write_summary(summary, key_metrics=("test_mae", "test_pearson"), reasons=reasons)
         run.set_status("completed")
