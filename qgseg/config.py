@@ -73,6 +73,7 @@ class QualityConfig:
     color_jitter: float = 0.0  # per-sample brightness / contrast / saturation factors in [1 - x, 1 + x] (0 = off)
     p_lesion_free: float = 0.0  # share of training masks shown on their image with the lesion removed (target: Dice vs empty)
     select: str = "val_loss"  # best.pt: the epoch of lowest val loss (early stopping on it), or "last"
+    rank_weight: float = 0.0  # weight of the pairwise ranking term over masks of one image (0 = off)
     tta_views: int = 1  # g averages its score over 1, 2, 4 or 8 flips / rotations when it scores (not in training)
 
 
@@ -187,6 +188,7 @@ _CHECKS: dict[str, tuple[Any, str]] = {
     "quality.masks_per_epoch": (lambda v: v >= 0, "an integer >= 0 (0 = all of D_Q's training masks)"),
     "quality.color_jitter": (lambda v: 0.0 <= v < 1.0, "a number in [0, 1) (0 = off)"),
     "quality.p_lesion_free": (lambda v: 0.0 <= v < 1.0, "a probability in [0, 1)"),
+    "quality.rank_weight": (lambda v: v >= 0, "a number >= 0 (0 = off)"),
     "quality.select": (lambda v: v in ("val_loss", "last"), "val_loss or last"),
     "quality.tta_views": (lambda v: v in (1, 2, 4, 8), "1, 2, 4 or 8 (1 = off)"),
     "quality.input_size": (lambda v: v == 0 or (v >= 32 and v % 32 == 0),

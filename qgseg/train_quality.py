@@ -20,6 +20,7 @@ from qgseg import distributed
 from qgseg.config import Config, QualityConfig, load_run_config
 from qgseg.corrupt import CorruptedSet, build_dq, corrupt_dataset, labeled_and_splits, load_dq
 from qgseg.engine import FitSettings, Task, fit_and_restore_best, fused_optimizer, resolve_device
+from qgseg.losses import pairwise_ranking_loss
 from qgseg.metrics import correlation_undefined_reason, regression_metrics
 from qgseg.quality import grounding_checks, mae_by_category, predict_quality, quality_report, real_report
 from qgseg.report import Reporter
@@ -51,9 +52,26 @@ class Resample:
                                fold=self.fold, p_fold=self.p_fold)
 
 
+RANK_GROUP = 4  # with quality.rank_weight, training batches hold runs of this many masks of one image
+
+
+def grouped_order(case: torch.Tensor, group: int, generator: torch.Generator) -> torch.Tensor:
+    """A seeded order of the masks in which runs of ``group`` masks of the same case follow each
+    other (a case's masks in random order, cut into runs; the runs in random order)."""
+    n = len(case)
+    perm = torch.randperm(n, generator=generator)
+    perm = perm[torch.argsort(case[perm], stable=True)]
+    c = case[perm].long()
+    pos = torch.arange(n) - torch.searchsorted(c, c, side="left")  # place within its case
+    _, run = torch.unique(c * n + pos // group, return_inverse=True)
+    priority = torch.randperm(int(run.max()) + 1 if n else 0, generator=generator)[run]
+    return perm[torch.argsort(priority * n + pos, stable=True)]
+
+
 class QualityTask(Task):
-    """Engine task of train-quality: SmoothL1 of g(x, m) to Dice on D_Q's training masks; val
-    loss, MAE, Pearson and the grounding checks each epoch. ``q`` is the run's [quality] section."""
+    """Engine task of train-quality: SmoothL1 of g(x, m) to Dice on D_Q's training masks (plus,
+    with ``quality.rank_weight``, a pairwise ranking term over masks of one image); val loss, MAE,
+    Pearson and the grounding checks each epoch. ``q`` is the run's [quality] section."""
 
     monitor = "val_loss"
     mode = "min"
@@ -75,6 +93,7 @@ class QualityTask(Task):
         self.resample = resample
         self.p_lesion_free = q.p_lesion_free
         self.color_jitter = q.color_jitter
+        self.rank_weight = q.rank_weight
         if q.p_lesion_free:  # the training images with their lesions painted out (their true mask is empty)
             from qgseg.corrupt import remove_lesions
             train = case_index["train"]
@@ -99,7 +118,7 @@ class QualityTask(Task):
     def batches(self, epoch: int, generator: torch.Generator):
         if self.resample is not None:  # epoch 1 trains on D_Q itself, later epochs on fresh draws
             self._use(self.sets["train"] if epoch == 1 else self.resample.draw(epoch))
-        for b in D.index_batches(len(self.train_rows), self.bs, generator)[:self.steps_per_epoch()]:
+        for b in self._index_batches(generator):
             # uint8 to the device, then float and flips there (4x fewer bytes over the bus)
             rows, y = self.train_rows[b], self.train_dice[b]
             images = self.images[rows]
@@ -112,12 +131,32 @@ class QualityTask(Task):
             x, m = D.random_flip_rot(x, m, generator=generator)
             if self.color_jitter:
                 x = D.random_color(x, self.color_jitter, generator)
-            yield x, m, y.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            if not self.rank_weight:
+                yield x, m, y
+                continue
+            # the ranking term compares masks of one image: a lesion-free image counts as another
+            image = rows + (len(self.images) * free.long() if self.p_lesion_free else 0)
+            yield x, m, y, image.to(self.device, non_blocking=True)
+
+    def _index_batches(self, generator: torch.Generator) -> list[torch.Tensor]:
+        if not self.rank_weight:
+            return D.index_batches(len(self.train_rows), self.bs, generator)[:self.steps_per_epoch()]
+        order = grouped_order(self.train_rows, RANK_GROUP, generator)
+        world, rank = distributed.world_size(), distributed.rank()
+        glob = self.bs * world
+        return [order[i + rank * self.bs:i + (rank + 1) * self.bs]
+                for i in range(0, len(order) - glob + 1, glob)][:self.steps_per_epoch()]
 
     def loss(self, batch, epoch: int, step: int):
-        x, m, y = batch
-        loss = F.smooth_l1_loss(self.g(x, m).float(), y, beta=self.beta)
-        return loss, {"loss": loss.detach()}
+        x, m, y = batch[:3]
+        pred = self.g(x, m).float()
+        fit = F.smooth_l1_loss(pred, y, beta=self.beta)
+        if not self.rank_weight:
+            return fit, {"loss": fit.detach()}
+        rank = pairwise_ranking_loss(pred, y, batch[3])
+        loss = fit + self.rank_weight * rank
+        return loss, {"loss": loss.detach(), "fit_loss": fit.detach(), "rank_loss": rank.detach()}
 
     def evaluate(self, epoch: int) -> dict[str, float]:
         if self.select == "last":  # the val metrics only inform: one view keeps them cheap

@@ -120,6 +120,30 @@ def test_train_quality_with_folds_reports_real_predictions(synth_data, tmp_path)
     assert 0 <= summary["test_real_failure_rate"] <= 1
 
 
+def test_grouped_order_runs_of_one_case():
+    from qgseg.train_quality import grouped_order
+
+    case = torch.tensor([0] * 8 + [1] * 8 + [2] * 4)
+    order = grouped_order(case, 4, torch.Generator().manual_seed(0))
+    assert sorted(order.tolist()) == list(range(20))
+    runs = case[order].view(5, 4)
+    assert (runs == runs[:, :1]).all()  # every run of 4 is one case
+    again = grouped_order(case, 4, torch.Generator().manual_seed(0))
+    assert (order == again).all()
+    assert not (order == grouped_order(case, 4, torch.Generator().manual_seed(1))).all()
+
+
+def test_train_quality_with_rank_loss(synth_data, tmp_path):
+    from qgseg.train_quality import run_train_quality
+
+    run, summary = run_train_quality(_loaded(synth_data, tmp_path, ["quality.rank_weight=1.0", "corrupt.p_weak=0",
+                                                                    "corrupt.k=8"]))
+    assert run.status == "completed"
+    header = (run.path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"fit_loss", "rank_loss"} <= set(header)
+    assert summary["real_note"].startswith("no train-weak run")
+
+
 def test_evaluate_scores_real_predictions_of_another_weak_run(synth_data, tmp_path):
     from qgseg.evaluate import run_evaluate
     from qgseg.train_quality import run_train_quality
