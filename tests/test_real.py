@@ -158,6 +158,15 @@ def test_evaluate_scores_real_predictions_of_another_weak_run(synth_data, tmp_pa
     assert summary["real_masks"] == summary["real_images"] * 3  # the weak checkpoint and two fold models
     assert {"real_spearman", "real_confidence_spearman", "real_agreement_aurc", "real_aurc_oracle"} <= set(summary)
     assert (qrun.path / "eval" / "val" / "real_predictions.csv").is_file()
+    # the Rich table sets g beside the two baselines
+    from typer.testing import CliRunner
+
+    from qgseg.cli import app
+
+    res = CliRunner().invoke(app, ["evaluate", str(qrun.path), "--split", "val", "--weak", str(wrun.path)],
+                             env={"COLUMNS": "250"})
+    assert res.exit_code == 0, res.output
+    assert "agreement" in res.output and "AURC, failure = Dice < 0.8" in res.output
 
 
 def test_corrupt_dataset_draws_out_of_fold_masks():
