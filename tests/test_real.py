@@ -3,6 +3,7 @@ model that trained on the image), the real-prediction report and the ranking ter
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -185,3 +186,23 @@ def test_corrupt_dataset_draws_out_of_fold_masks():
     plain = corrupt_dataset(masks, 6, seed=3)
     off = corrupt_dataset(masks, 6, seed=3, fold=fold, p_fold=0.0)  # exactly the draws made without it
     assert (plain.masks == off.masks).all() and plain.ops == off.ops
+
+
+def test_a_weak_run_from_before_the_signals_still_gives_its_real_predictions(synth_data, tmp_path):
+    """Prediction files written before this change hold every row, no `trained`, no signals: the
+    reader takes the weak model's predictions of non-training images, and the baselines are NaN."""
+    from qgseg.quality import real_metrics
+    from qgseg.weak import load_real_predictions, run_train_weak
+
+    run, _ = run_train_weak(_loaded(synth_data, tmp_path, ["weak.epochs_at=[1]"]))
+    path = run.path / "predictions" / "e001.npz"
+    with np.load(path) as z:
+        old = {k: z[k] for k in ("packed", "shape", "dice")}
+    np.savez(path, **old)  # the old format
+    splits = json.loads((run.path / "splits.json").read_text())
+    real = load_real_predictions(run, splits["test"], 32)
+    assert len(real) == len(splits["test"]) and np.isnan(real.confidence).all()
+    with pytest.raises(Exception, match="no stored prediction"):
+        load_real_predictions(run, splits["train"], 32)  # the weak model trained on these
+    m = real_metrics({"": real.dice, "confidence_": real.confidence}, real.dice, real.case)
+    assert math.isnan(m["confidence_spearman"]) and math.isnan(m["confidence_aurc"])
