@@ -1086,7 +1086,7 @@ def run_corrupt(loaded, out: Path | str | None = None, resume: bool = False,
         data, splits = labeled_and_splits(cfg, run)
         weak, fold, weak_run = weak_predictions(cfg, data, "weak.run" in loaded.explicit, splits["train"])
         with (reporter or Reporter(enabled=False)) as rep:
-            sets = build_dq(cfg, data, splits, weak, rep, fold)
+            sets = build_dq(cfg, data, splits, weak, rep, fold=fold)
         frames = []
         for split, cs in sets.items():
             save_set(cs, run.path / f"dq_{split}.npz")

@@ -211,7 +211,7 @@ def _dq(cfg: Config, data: D.LabeledData, splits: dict[str, list[str]], weak_exp
                 fold = load_fold_predictions(wrun, splits["train"], data.image_size, "--corrupt")
     else:
         weak, fold, weak_run = weak_predictions(cfg, data, weak_explicit, splits["train"])
-        sets = build_dq(cfg, data, splits, weak, fold)
+        sets = build_dq(cfg, data, splits, weak, fold=fold)
     pos = D.positions(data.stems)
     rows = {s: np.array([pos[x] for x in v]) for s, v in splits.items()}
     resample = None
