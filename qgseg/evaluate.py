@@ -281,6 +281,7 @@ def _real_predictions(run: Any, g: Any, data: LabeledData, rows: np.ndarray, wea
     """g on the cases' real predictions (``qgseg.quality.real_report``): ``real_*`` keys."""
     from qgseg.quality import real_report
     from qgseg.runs import Run, resolve_link
+    from qgseg.weak import load_real_predictions
 
     if weak_link:
         source, option = resolve_link(weak_link, runs_root, "train-weak", "--weak"), "--weak"
@@ -291,7 +292,9 @@ def _real_predictions(run: Any, g: Any, data: LabeledData, rows: np.ndarray, wea
             return {"real_note": "no train-weak run recorded with g: pass --weak RUN to score real predictions"}
         source, option = Run(path), "the train-weak run recorded with g"
     try:
-        metrics, table = real_report(g, data, rows, [data.stems[i] for i in rows], source, device, option)
+        stems = [data.stems[i] for i in rows]
+        real = load_real_predictions(source, stems, data.image_size, option)
+        metrics, table = real_report(g, data, rows, stems, real, device)
     except (InputError, OSError) as e:
         return {"real_note": f"real predictions left out: {e}"}
     table.to_csv(out_dir / "real_predictions.csv", index=False)

@@ -516,18 +516,13 @@ def real_metrics(scores: dict[str, np.ndarray], dice: np.ndarray, case: np.ndarr
     return out
 
 
-def real_report(g, data: LabeledData, rows: np.ndarray, stems: list[str], weak_run: Run,
-                device: torch.device, option: str = "--weak") -> tuple[dict[str, float], pd.DataFrame]:
-    """g on the real predictions of the cases ``stems`` (data rows ``rows``) stored in a
-    train-weak run by models that never trained on them, next to the segmenters' confidence and
-    flip agreement; metrics (see :func:`real_metrics`) and a per-mask table."""
-    from qgseg.corrupt import CorruptedSet
-    from qgseg.weak import load_real_predictions
-
-    real = load_real_predictions(weak_run, stems, data.image_size, option)
-    cs = CorruptedSet(real.case.astype(np.int32), real.masks, real.dice.astype(np.float32), list(real.source),
-                      [""] * len(real))
-    pred = predict_quality(g, torch.from_numpy(data.images), rows, cs, device)
+def real_report(g, data: LabeledData, rows: np.ndarray, stems: list[str], real: Any,
+                device: torch.device) -> tuple[dict[str, float], pd.DataFrame]:
+    """g on real predictions of the cases ``stems`` (data rows ``rows``): ``real`` is a
+    ``qgseg.weak.RealPredictions`` (masks of models that never trained on their image, from
+    ``load_real_predictions``). g is set beside the segmenters' confidence and flip agreement;
+    metrics (see :func:`real_metrics`) and a per-mask table."""
+    pred = predict_quality(g, torch.from_numpy(data.images), rows, real, device)  # real has case, masks, len
     metrics = real_metrics({"": pred, "confidence_": real.confidence, "agreement_": real.agreement},
                            real.dice, real.case)
     table = pd.DataFrame({"stem": [stems[c] for c in real.case], "source": real.source, "dice": real.dice,

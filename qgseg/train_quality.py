@@ -25,7 +25,7 @@ from qgseg.metrics import correlation_undefined_reason, regression_metrics
 from qgseg.quality import grounding_checks, mae_by_category, predict_quality, quality_report, real_report
 from qgseg.report import Reporter
 from qgseg.runs import Run, resolve_link, start_run
-from qgseg.weak import find_weak_run, weak_predictions
+from qgseg.weak import find_weak_run, load_real_predictions, weak_predictions
 
 
 @dataclass(frozen=True)
@@ -255,8 +255,8 @@ def _real(run: Run, cfg: Config, task: QualityTask, data: D.LabeledData, splits:
         return {"real_note": "no train-weak run of this data: no real predictions to score"}
     out: dict[str, Any] = {"real_weak_run": str(source.path)}
     for split in ("val", "test"):
-        metrics, table = real_report(task.g, data, task.case_index[split], splits[split], source, task.device,
-                                     "train-weak run")
+        real = load_real_predictions(source, splits[split], data.image_size, "train-weak run")
+        metrics, table = real_report(task.g, data, task.case_index[split], splits[split], real, task.device)
         table.to_csv(run.path / f"{split}_real_predictions.csv", index=False)
         out.update({f"{split}_real_{k}": v for k, v in metrics.items()})
     return out
