@@ -41,9 +41,6 @@ def predict_probs(model: torch.nn.Module, images: np.ndarray, device: torch.devi
     return np.concatenate(out) if out else np.zeros((0,) + images.shape[1:3], np.float32)
 
 
-SIGNAL_VIEWS = ("hflip", "vflip")  # re-predictions of the agreement signal
-
-
 @torch.no_grad()
 def predict_with_signals(model: torch.nn.Module, images: np.ndarray, device: torch.device,
                          batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -176,7 +176,8 @@ def run_train_weak(loaded, out: Path | str | None = None, resume: bool = False,
         if model is None:
             model = _build_model(cfg)
         data = D.load_labeled(cfg.data.labeled, cfg.data.image_size, cfg.data.cache_dir)
-        splits = D.make_splits(data.stems, cfg.data.split_seed, data.root)
+        # data.max_labeled caps the weak models' training images too: a user with N labels has no others
+        splits = D.run_splits(data.stems, cfg.data.split_seed, data.root, cfg.data.max_labeled)
         write_json(run.path / "splits.json", splits)
         write_json(run.path / "stems.json", data.stems)  # row order of predictions/*.npz
         pos = D.positions(data.stems)

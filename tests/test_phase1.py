@@ -52,6 +52,14 @@ def test_train_weak_then_quality_with_type2(synth_data, tmp_path):
     assert (crun.plots / "examples.png").is_file() and (crun.plots / "dice_hist.png").is_file()
 
 
+def test_train_weak_honours_max_labeled(synth_data, tmp_path):
+    """A user with N labels has no others: the weak U-Net trains on the same capped subset as ssl."""
+    run, _ = run_train_weak(_loaded(synth_data, tmp_path, ["data.max_labeled=4", "weak.epochs_at=[1]"]))
+    splits = json.loads((run.path / "splits.json").read_text())
+    assert len(splits["train"]) == 4 and len(splits["unused"]) > 0
+    assert not set(splits["train"]) & set(splits["unused"])
+
+
 def test_corrupt_is_reproducible(synth_data, tmp_path):
     r1, s1 = run_corrupt(_loaded(synth_data, tmp_path, ["corrupt.p_weak=0.0"]), out=tmp_path / "a")
     r2, s2 = run_corrupt(_loaded(synth_data, tmp_path, ["corrupt.p_weak=0.0"]), out=tmp_path / "b")
