@@ -263,17 +263,7 @@ def weak_table(run: Run, stems: list[str], splits: dict[str, list[str]]) -> pd.D
 def load_weak_predictions(run: Run, stems: list[str], image_size: int,
                           option: str = "--weak") -> tuple[np.ndarray, list[int]]:
     """Type 2 masks: (C, N, H, W) uint8 predictions of each weak checkpoint, rows in ``stems`` order."""
-    from qgseg.config import load_run_config
-
-    cfg = load_run_config(run.path)
-    if cfg.data.image_size != image_size:
-        raise InputError(f"{option} {run.path}: weak run used image size {cfg.data.image_size}, this run "
-                         f"uses {image_size}")
-    weak_stems = read_json(run.path / "stems.json")
-    missing = sorted(set(stems) - set(weak_stems))
-    if missing:
-        raise InputError(f"{option} {run.path}: no weak predictions for {len(missing)} case(s) "
-                         f"(e.g. {missing[0]}); was it trained on the same data?")
+    weak_stems, _ = _check_weak_run(run, stems, image_size, option)
     files = sorted((run.path / "predictions").glob("e*.npz"))
     if not files:
         raise InputError(f"{option} {run.path}: no stored predictions")
