@@ -33,10 +33,11 @@ Automatic (autouse) for every test:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 os.environ["NO_ALBUMENTATIONS_UPDATE"] = "1"
 # Several torch processes sharing 2 cores slow each other ~10x with OpenMP's default busy-wait
@@ -52,6 +53,27 @@ needs_ph2 = pytest.mark.skipif(
     not (PH2 / "images").is_dir(),
     reason=f"PH2 data not available at {PH2} (../shared/data/ph2 relative to the repository root)",
 )
+
+@contextlib.contextmanager
+def synth_world(tmp_path_factory: pytest.TempPathFactory, name: str, *, n_labeled: int, n_unlabeled: int,
+                size: int, seed: int, unlabeled: bool = False) -> Iterator[tuple[Path, dict[str, str]]]:
+    """Setup shared by the module-scoped fixtures of command tests: a new temp folder ``name`` with
+    its own data cache and a synthetic data set under ``data/``. Yields (root, options) where
+    options name the labeled folder (and the unlabeled one with ``unlabeled=True``) and the runs root."""
+    from qgseg.synth import generate
+
+    root = tmp_path_factory.mktemp(name)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("QGSEG_CACHE", str(root / "cache"))
+    generate(root / "data", n_labeled=n_labeled, n_unlabeled=n_unlabeled, size=size, seed=seed)
+    opts = {"data.labeled": str(root / "data" / "labeled"), "runs_root": str(root / "runs")}
+    if unlabeled:
+        opts["data.unlabeled"] = str(root / "data" / "unlabeled")
+    try:
+        yield root, opts
+    finally:
+        mp.undo()
+
 
 SYNTH_LABELED = 24
 SYNTH_UNLABELED = 24

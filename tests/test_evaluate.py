@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import synth_world
 from typer.testing import CliRunner
 
 from qgseg.cli import app
@@ -26,22 +27,16 @@ TINY = ["data.image_size=32", "corrupt.k=2", "corrupt.eval_k=2", "corrupt.p_weak
 def runs(tmp_path_factory):
     """A train-quality, an ssl (mt + QW) and a train-weak run on 32 px synthetic data."""
     from qgseg.ssl import run_ssl
-    from qgseg.synth import generate
     from qgseg.train_quality import run_train_quality
     from qgseg.weak import run_train_weak
 
-    root = tmp_path_factory.mktemp("eval")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("QGSEG_CACHE", str(root / "cache"))
-    generate(root / "data", n_labeled=16, n_unlabeled=8, size=32, seed=0)
-    opts = {"data.labeled": str(root / "data" / "labeled"), "data.unlabeled": str(root / "data" / "unlabeled"),
-            "runs_root": str(root / "runs")}
-    q_run, q_sum = run_train_quality(load_config(options=opts, sets=TINY, cwd=root))
-    s_run, s_sum = run_ssl(load_config(options=opts, sets=TINY + ["ssl.method=mt", "ssl.qw=true"], cwd=root))
-    w_run, _ = run_train_weak(load_config(options=opts, sets=TINY, cwd=root))
-    yield {"root": root, "quality": q_run.path, "q_sum": q_sum, "ssl": s_run.path, "s_sum": s_sum,
-           "weak": w_run.path}
-    mp.undo()
+    with synth_world(tmp_path_factory, "eval", n_labeled=16, n_unlabeled=8, size=32, seed=0,
+                     unlabeled=True) as (root, opts):
+        q_run, q_sum = run_train_quality(load_config(options=opts, sets=TINY, cwd=root))
+        s_run, s_sum = run_ssl(load_config(options=opts, sets=TINY + ["ssl.method=mt", "ssl.qw=true"], cwd=root))
+        w_run, _ = run_train_weak(load_config(options=opts, sets=TINY, cwd=root))
+        yield {"root": root, "quality": q_run.path, "q_sum": q_sum, "ssl": s_run.path, "s_sum": s_sum,
+               "weak": w_run.path}
 
 
 def _evaluate(*args: str, cwd: Path):

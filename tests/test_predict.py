@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import synth_world
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -27,18 +28,12 @@ TINY = ["data.image_size=32", "corrupt.k=2", "corrupt.eval_k=2", "corrupt.p_weak
 def trained(tmp_path_factory):
     """A train-quality run (g) and a sup ssl run (f) on 32 px synthetic data."""
     from qgseg.ssl import run_ssl
-    from qgseg.synth import generate
     from qgseg.train_quality import run_train_quality
 
-    root = tmp_path_factory.mktemp("predict")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("QGSEG_CACHE", str(root / "cache"))
-    generate(root / "data", n_labeled=16, n_unlabeled=12, size=48, seed=0)
-    opts = {"data.labeled": str(root / "data" / "labeled"), "runs_root": str(root / "runs")}
-    q_run, _ = run_train_quality(load_config(options=opts, sets=TINY, cwd=root))
-    s_run, _ = run_ssl(load_config(options=opts, sets=TINY + ["ssl.method=sup"], cwd=root))
-    yield {"root": root, "quality": q_run.path, "ssl": s_run.path, "data": root / "data"}
-    mp.undo()
+    with synth_world(tmp_path_factory, "predict", n_labeled=16, n_unlabeled=12, size=48, seed=0) as (root, opts):
+        q_run, _ = run_train_quality(load_config(options=opts, sets=TINY, cwd=root))
+        s_run, _ = run_ssl(load_config(options=opts, sets=TINY + ["ssl.method=sup"], cwd=root))
+        yield {"root": root, "quality": q_run.path, "ssl": s_run.path, "data": root / "data"}
 
 
 def _invoke(args: list[str], cwd: Path):

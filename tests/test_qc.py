@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import synth_world
 from typer.testing import CliRunner
 
 from qgseg.cli import app
@@ -25,28 +26,22 @@ TINY = ["data.image_size=32", "corrupt.k=2", "corrupt.eval_k=2", "corrupt.p_weak
 @pytest.fixture(scope="module")
 def g_run(tmp_path_factory):
     """A tiny train-quality run and a folder of masks of varying quality for 12 images."""
-    from qgseg.synth import generate
     from qgseg.train_quality import run_train_quality
 
-    root = tmp_path_factory.mktemp("qc")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("QGSEG_CACHE", str(root / "cache"))
-    generate(root / "data", n_labeled=12, n_unlabeled=2, size=48, seed=1)
-    opts = {"data.labeled": str(root / "data" / "labeled"), "runs_root": str(root / "runs")}
-    run, _ = run_train_quality(load_config(options=opts, sets=TINY, cwd=root))
-    truth = root / "data" / "labeled" / "masks"
-    tool = root / "tool"  # another tool's masks: some exact, some eroded, some empty, named <stem>_mask.png
-    tool.mkdir()
-    for i, p in enumerate(sorted(truth.glob("*.png"))):
-        m = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
-        if i % 3 == 1:
-            m = cv2.erode(m, np.ones((7, 7), np.uint8))
-        elif i % 3 == 2:
-            m = np.zeros_like(m)
-        cv2.imwrite(str(tool / f"{p.stem}_mask.png"), m)
-    yield {"root": root, "run": run.path, "images": root / "data" / "labeled" / "images", "masks": tool,
-           "truth": truth}
-    mp.undo()
+    with synth_world(tmp_path_factory, "qc", n_labeled=12, n_unlabeled=2, size=48, seed=1) as (root, opts):
+        run, _ = run_train_quality(load_config(options=opts, sets=TINY, cwd=root))
+        truth = root / "data" / "labeled" / "masks"
+        tool = root / "tool"  # another tool's masks: some exact, some eroded, some empty, named <stem>_mask.png
+        tool.mkdir()
+        for i, p in enumerate(sorted(truth.glob("*.png"))):
+            m = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
+            if i % 3 == 1:
+                m = cv2.erode(m, np.ones((7, 7), np.uint8))
+            elif i % 3 == 2:
+                m = np.zeros_like(m)
+            cv2.imwrite(str(tool / f"{p.stem}_mask.png"), m)
+        yield {"root": root, "run": run.path, "images": root / "data" / "labeled" / "images", "masks": tool,
+               "truth": truth}
 
 
 def _qc(g_run, *extra, images=None):

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import synth_world
 from typer.testing import CliRunner
 
 from qgseg.cli import app
@@ -26,17 +27,11 @@ TINY = ["data.image_size=32", "model.arch=unet", "model.encoder=" + ENCODER, "tr
 def world(tmp_path_factory):
     """Synthetic data at 32 px and a sup run trained on it briefly (its predictions vary in quality)."""
     from qgseg.ssl import run_ssl
-    from qgseg.synth import generate
 
-    root = tmp_path_factory.mktemp("select")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("QGSEG_CACHE", str(root / "cache"))
-    generate(root / "data", n_labeled=20, n_unlabeled=10, size=32, seed=2)
-    opts = {"data.labeled": str(root / "data" / "labeled"), "runs_root": str(root / "runs")}
-    s_run, _ = run_ssl(load_config(options=opts, sets=TINY + ["ssl.method=sup"], cwd=root))
-    yield {"root": root, "ssl": s_run.path, "labeled": root / "data" / "labeled",
-           "unlabeled": root / "data" / "unlabeled"}
-    mp.undo()
+    with synth_world(tmp_path_factory, "select", n_labeled=20, n_unlabeled=10, size=32, seed=2) as (root, opts):
+        s_run, _ = run_ssl(load_config(options=opts, sets=TINY + ["ssl.method=sup"], cwd=root))
+        yield {"root": root, "ssl": s_run.path, "labeled": root / "data" / "labeled",
+               "unlabeled": root / "data" / "unlabeled"}
 
 
 class Oracle:
