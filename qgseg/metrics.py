@@ -103,12 +103,7 @@ def regression_metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     Pairs with a NaN are dropped. Correlations are NaN (not an error) for constant input or fewer
     than 2 pairs. Keys: n, mae, rmse, pearson, pearson_p, spearman, spearman_p.
     """
-    p = np.asarray(pred, dtype=np.float64).ravel()
-    t = np.asarray(true, dtype=np.float64).ravel()
-    if p.shape != t.shape:
-        raise ValueError(f"pred and true differ in length: {p.size} vs {t.size}")
-    ok = ~(np.isnan(p) | np.isnan(t))
-    p, t = p[ok], t[ok]
+    p, t = _pairs(pred, true, names=("pred", "true"))
     out = {"n": int(p.size), "mae": math.nan, "rmse": math.nan}
     out |= {"pearson": math.nan, "pearson_p": math.nan, "spearman": math.nan, "spearman_p": math.nan}
     if p.size == 0:
@@ -128,10 +123,7 @@ def regression_metrics(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
 
 def correlation_undefined_reason(pred: np.ndarray, true: np.ndarray, what: str = "masks") -> str:
     """Why the correlation of ``pred`` with ``true`` is undefined ("" when it is defined)."""
-    p = np.asarray(pred, dtype=np.float64).ravel()
-    t = np.asarray(true, dtype=np.float64).ravel()
-    ok = ~(np.isnan(p) | np.isnan(t))
-    p, t = p[ok], t[ok]
+    p, t = _pairs(pred, true, names=("pred", "true"))
     if p.size < 2:
         return f"fewer than 2 {what} with a finite value ({p.size})"
     if np.ptp(t) == 0:
@@ -151,12 +143,7 @@ def aurc(scores: Sequence[float] | np.ndarray, true_dice: Sequence[float] | np.n
     risk over k = 1..n. A score that ranks every failure last reaches the lowest possible value,
     a random order about the failure rate. Pairs with a NaN are dropped; NaN when none remain.
     """
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    d = np.asarray(true_dice, dtype=np.float64).ravel()
-    if s.shape != d.shape:
-        raise ValueError(f"scores and true_dice differ in length: {s.size} vs {d.size}")
-    ok = ~(np.isnan(s) | np.isnan(d))
-    s, d = s[ok], d[ok]
+    s, d = _pairs(scores, true_dice, names=("scores", "true_dice"))
     if s.size == 0:
         return math.nan
     fail = (d[np.argsort(-s, kind="stable")] < fail_below).astype(np.float64)
@@ -211,11 +198,13 @@ def pairwise_ranking_accuracy(score: Sequence[float] | np.ndarray, true: Sequenc
     return right / pairs if pairs else math.nan
 
 
-def _pairs(a, b, keep_nan: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def _pairs(a, b, keep_nan: bool = False, names: tuple[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Two sequences as flat float64 arrays of equal length, pairs with a NaN dropped (unless ``keep_nan``)."""
     x = np.asarray(a, dtype=np.float64).ravel()
     y = np.asarray(b, dtype=np.float64).ravel()
     if x.shape != y.shape:
-        raise ValueError(f"the two sequences differ in length: {x.size} vs {y.size}")
+        what = f"{names[0]} and {names[1]}" if names else "the two sequences"
+        raise ValueError(f"{what} differ in length: {x.size} vs {y.size}")
     if keep_nan:
         return x, y
     ok = ~(np.isnan(x) | np.isnan(y))
