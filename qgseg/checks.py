@@ -44,7 +44,11 @@ def preflight(stage: str, loaded: Any) -> None:
     cfg = loaded.config
     if stage in ("ssl", "train-weak", "train-quality", "corrupt", "ablate"):
         _folder(loaded, "data.labeled", "--labeled", cfg.data.labeled, "labeled data")
-    if stage == "ssl" and needs_unlabeled(cfg) or stage == "ablate" and cfg.data.unlabeled:
+    if cfg.data.unused_as_unlabeled and not cfg.data.max_labeled and stage in ("ssl", "ablate"):
+        raise InputError(f"{_name(loaded, 'data.unused_as_unlabeled', '--set')}: needs data.max_labeled > 0 (the "
+                         "training cases it leaves out become the unlabeled images), got data.max_labeled = 0")
+    in_domain_only = cfg.data.unused_as_unlabeled and not cfg.data.unlabeled
+    if (stage == "ssl" and needs_unlabeled(cfg) or stage == "ablate" and cfg.data.unlabeled) and not in_domain_only:
         _folder(loaded, "data.unlabeled", "--unlabeled", cfg.data.unlabeled, "unlabeled data")
 
 

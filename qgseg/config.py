@@ -31,6 +31,7 @@ class DataConfig:
     split_seed: int = 0
     max_unlabeled: int = 0  # 0 = every unlabeled image (M in the paper's ablation)
     max_labeled: int = 0  # 0 = every labeled training case
+    unused_as_unlabeled: bool = False  # ssl: the training cases max_labeled leaves out join the unlabeled set (masks unread)
     cache_dir: str = ""  # "" = $QGSEG_CACHE or ~/.cache/qgseg
 
 

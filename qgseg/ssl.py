@@ -281,6 +281,29 @@ def _splits(run: Run, data: D.LabeledData, cfg: Config) -> dict[str, list[str]]:
     return splits
 
 
+def _unlabeled_images(cfg: Config, data: D.LabeledData, splits: dict[str, list[str]]) -> np.ndarray:
+    """The unlabeled images: data.unlabeled's folder (data.max_unlabeled applies to it) and, with
+    data.unused_as_unlabeled, the labeled training cases data.max_labeled left out (masks unread)."""
+    parts = []
+    if cfg.data.unlabeled or not cfg.data.unused_as_unlabeled:
+        parts.append(D.load_unlabeled(cfg.data.unlabeled, cfg.data.image_size, cfg.data.cache_dir,
+                                      limit=cfg.data.max_unlabeled, seed=cfg.seed).images)
+    if cfg.data.unused_as_unlabeled:
+        unused = splits.get("unused", [])
+        if not unused:
+            raise InputError(f"data.unused_as_unlabeled: data.max_labeled = {cfg.data.max_labeled} keeps every one of "
+                             f"the {len(splits['train'])} training cases, so none is left to use as unlabeled; "
+                             "set data.max_labeled below the training split's size")
+        parts.append(data.subset(unused).images)
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def _unlabeled_source(cfg: Config) -> str:
+    """The run's unlabeled images in words (meta.json)."""
+    rest = f"{cfg.data.labeled} (training cases left out by data.max_labeled)" if cfg.data.unused_as_unlabeled else ""
+    return " + ".join(x for x in (str(cfg.data.unlabeled) if cfg.data.unlabeled else "", rest) if x)
+
+
 def _load_quality(link: str, cfg: Config, option: str = "--quality") -> QualityPredictor | None:
     """Load g; a g that is only wanted for the quality columns may fail to load (then: none)."""
     if not link:
@@ -378,8 +401,7 @@ def run_ssl(loaded, out: Path | str | None = None, resume: bool = False,
         train, val, test = (data.subset(splits[k]) for k in ("train", "val", "test"))
         unlabeled = None
         if method.unlabeled is not None or cfg.ssl.qar_weight > 0:
-            unlabeled = D.load_unlabeled(cfg.data.unlabeled, cfg.data.image_size, cfg.data.cache_dir,
-                                         limit=cfg.data.max_unlabeled, seed=cfg.seed).images
+            unlabeled = _unlabeled_images(cfg, data, splits)
 
         model = (model if model is not None else _build_model(cfg)).to(device)
         if cfg.train.channels_last:
@@ -390,7 +412,7 @@ def run_ssl(loaded, out: Path | str | None = None, resume: bool = False,
         run.update_meta(parameters=params, parameters_trained=sum(params.values()), method=method.name,
                         qw=cfg.ssl.qw, qar_weight=cfg.ssl.qar_weight, arch=model.spec["arch"],
                         encoder=model.spec["encoder"], data=str(data.root),
-                        unlabeled=str(cfg.data.unlabeled) if unlabeled is not None else "")
+                        unlabeled=_unlabeled_source(cfg) if unlabeled is not None else "")
         if cfg.train.compile:
             model = torch.compile(model)
         task = SSLTask(method, model, extras, cfg, train, val, unlabeled, quality, device)

@@ -208,3 +208,28 @@ def test_interrupt_and_resume(workdir, monkeypatch):
     rows = list(csv.DictReader(open(run.path / "metrics.csv", newline="")))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert load_checkpoint(run.checkpoints / "last.pt")["task"]["ema_updates"]["teacher"] == 2
+
+
+def test_unused_as_unlabeled_uses_the_left_out_training_cases(workdir):
+    """data.unused_as_unlabeled: the training cases data.max_labeled leaves out are the unlabeled
+    images (alone without a folder, added to the folder's images with one); never both labeled and unlabeled."""
+    (workdir / "qgseg.toml").write_text(TOML.replace('unlabeled = "data/unlabeled"\n', ""))
+    res = invoke("--method", "mt", "--epochs", "1", "--json", "--out", "runs/ssl/in-domain",
+                 "--set", "data.max_labeled=3", "--set", "data.unused_as_unlabeled=true")
+    assert res.exit_code == 0, res.stderr
+    summary = json.loads(res.stdout)
+    splits = json.loads((workdir / "runs/ssl/in-domain/splits.json").read_text())
+    assert summary["n_train"] == 3 and len(splits["unused"]) > 0
+    assert summary["n_unlabeled"] == len(splits["unused"])
+    assert not set(splits["unused"]) & set(splits["train"] + splits["val"] + splits["test"])
+    res = invoke("--method", "mt", "--epochs", "1", "--json", "--out", "runs/ssl/both", "--unlabeled", "data/unlabeled",
+                 "--set", "data.max_labeled=3", "--set", "data.unused_as_unlabeled=true")
+    assert res.exit_code == 0, res.stderr
+    assert json.loads(res.stdout)["n_unlabeled"] == len(splits["unused"]) + 6  # the folder's 6 images too
+
+
+def test_unused_as_unlabeled_needs_max_labeled(workdir):
+    res = invoke("--method", "mt", "--epochs", "1", "--out", "runs/ssl/bad", "--set", "data.unused_as_unlabeled=true")
+    assert res.exit_code == 2
+    assert "data.unused_as_unlabeled" in res.stderr and "data.max_labeled > 0" in res.stderr
+    assert not (workdir / "runs/ssl/bad").exists()
