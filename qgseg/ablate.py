@@ -561,7 +561,7 @@ def run_ablate(loaded: Loaded, name: str, values: str | None = None, seeds: int 
         raise InputError(f"--seeds {n_seeds}: expected at least 1")
     if n_jobs < 1:
         raise InputError(f"--jobs {n_jobs}: expected at least 1")
-    if sweep.stage == "ssl" and not cfg.data.unlabeled and sweep.name != "method":
+    if sweep.stage == "ssl" and not cfg.data.unlabeled and not cfg.data.unused_as_unlabeled and sweep.name != "method":
         log.info("no unlabeled folder (data.unlabeled): ssl points that need one will fail")
     path = (Path(out) if out else Path(cfg.runs_root) / STAGE / sweep.name).resolve()
     if resume and not (path / "meta.json").is_file():

@@ -44,7 +44,7 @@ def preflight(stage: str, loaded: Any) -> None:
     cfg = loaded.config
     if stage in ("ssl", "train-weak", "train-quality", "corrupt", "ablate"):
         _folder(loaded, "data.labeled", "--labeled", cfg.data.labeled, "labeled data")
-    if cfg.data.unused_as_unlabeled and not cfg.data.max_labeled and stage in ("ssl", "ablate"):
+    if cfg.data.unused_as_unlabeled and not cfg.data.max_labeled and stage == "ssl":  # ablate labels sets it per point
         raise InputError(f"{_name(loaded, 'data.unused_as_unlabeled', '--set')}: needs data.max_labeled > 0 (the "
                          "training cases it leaves out become the unlabeled images), got data.max_labeled = 0")
     in_domain_only = cfg.data.unused_as_unlabeled and not cfg.data.unlabeled
