@@ -46,10 +46,11 @@ def predict_with_signals(model: torch.nn.Module, images: np.ndarray, device: tor
                          batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A segmenter's thresholded predictions and two quality signals that need no g.
 
-    Returns (masks (N, H, W) uint8, confidence (N,), agreement (N,)). confidence: the mean
-    probability inside the prediction (for an empty prediction, the mean of 1 - p over the
-    image). agreement: the mean Dice between the prediction and the model's re-predictions of
-    the horizontally and vertically flipped image (flipped back); 1 when all are empty.
+    Returns (masks (N, H, W) uint8, confidence (N,), agreement (N,)). confidence: :func:`confidence`
+    of the plain prediction (the one definition predict, qc and select use too). agreement: the
+    mean Dice between the prediction and the model's re-predictions of the horizontally and
+    vertically flipped image (flipped back); 1 when all are empty (predict_views' agreement with
+    these two views).
     """
     from qgseg.engine import autocast
 
@@ -63,12 +64,9 @@ def predict_with_signals(model: torch.nn.Module, images: np.ndarray, device: tor
         p = torch.sigmoid(logits.float())[:, 0]
         p0, again = p[:n], (p[n:2 * n].flip(-1), p[2 * n:].flip(-2))
         m = p0 > 0.5
-        inside = m.flatten(1).sum(1)
-        c = torch.where(inside > 0, (p0 * m).flatten(1).sum(1) / inside.clamp_min(1),
-                        (1 - p0).flatten(1).mean(1))
         a = torch.stack([dice_per_sample(m, q > 0.5) for q in again]).mean(0)
         masks.append(m.to(torch.uint8).cpu().numpy())
-        conf.append(c.cpu().numpy())
+        conf.append(confidence(p0.cpu().numpy()))
         agree.append(a.cpu().numpy())
     if not masks:
         empty = np.zeros(0, np.float64)

@@ -319,7 +319,7 @@ class RealPredictions:
     case: np.ndarray  # (M,) index into the stems asked for
     masks: np.ndarray  # (M, H, W) uint8
     dice: np.ndarray  # (M,) true Dice
-    confidence: np.ndarray  # (M,) the segmenter's mean probability inside its prediction (NaN: not stored)
+    confidence: np.ndarray  # (M,) predict.confidence of the segmenter's prediction (NaN: not stored)
     agreement: np.ndarray  # (M,) Dice with its flipped re-predictions (NaN: not stored)
     source: list[str]  # the checkpoint: "weak_e003", "fold1_e005"
 

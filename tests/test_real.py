@@ -38,7 +38,8 @@ def test_predict_with_signals_known_answers():
     images = np.zeros((3, 8, 8, 3), np.uint8)
     masks, conf, agree = predict_with_signals(_LeftHalf(), images, torch.device("cpu"))
     assert masks.shape == (3, 8, 8) and masks[:, :, :4].all() and not masks[:, :, 4:].any()
-    assert conf == pytest.approx([torch.sigmoid(torch.tensor(4.0)).item()] * 3)
+    # predict.confidence: the margin |2p - 1| over the pixels with p >= 0.1 (the left half)
+    assert conf == pytest.approx([2 * torch.sigmoid(torch.tensor(4.0)).item() - 1] * 3)
     # horizontal flip, flipped back: the right half (Dice 0); vertical flip: the left half again (1)
     assert agree == pytest.approx([0.5] * 3)
 
