@@ -122,6 +122,7 @@ class FitSettings:
     precision: str = "auto"
     scheduler_interval: str = "epoch"  # "epoch" or "step"
     stop_after_epoch: int = 0  # testing aid: raise KeyboardInterrupt after this epoch (0 = off)
+    min_epochs: int = 0  # early stopping never ends the run before this epoch
     lr_key: str = "train.lr"  # the config key to name when training diverges
 
 
@@ -298,6 +299,10 @@ class Engine:
         atomic_write_text(self.run.path / "metrics.csv", "\n".join(lines) + "\n")
 
     # -- training ------------------------------------------------------------------------------
+    def _patience_spent(self) -> bool:
+        """Early stopping: ``patience`` epochs without a gain, and at least ``min_epochs`` run."""
+        return self.bad_epochs >= self.s.patience and self.epoch >= self.s.min_epochs
+
     def fit(self, resume: bool = False) -> FitResult:
         last = self.run.checkpoints / "last.pt"
         if resume and last.is_file():
@@ -318,7 +323,7 @@ class Engine:
                 distributed.broadcast_module(m)
             self.save_last()  # epoch 0: the initial weights, so a resume always has a start
         t0 = time.time()
-        stopped_early = self.bad_epochs >= self.s.patience
+        stopped_early = self._patience_spent()
         total_steps = self.s.epochs * self.task.steps_per_epoch()
         self.reporter.start(self.run.stage or "train", total_steps, completed=self.epoch * self.task.steps_per_epoch(),
                             epochs=self.s.epochs)
@@ -354,7 +359,7 @@ class Engine:
                               if k not in ("epoch", "seconds", "lr") and isinstance(v, float) and math.isfinite(v))
             self.reporter.note(f"epoch {epoch}/{self.s.epochs}: {shown}")
             self.run.log(f"epoch {epoch}: {shown}")
-            stopped_early = self.bad_epochs >= self.s.patience
+            stopped_early = self._patience_spent()
             if self.s.stop_after_epoch and epoch == self.s.stop_after_epoch:
                 raise KeyboardInterrupt
         if self.best_epoch == 0:

@@ -281,6 +281,18 @@ def _splits(run: Run, data: D.LabeledData, cfg: Config) -> dict[str, list[str]]:
     return splits
 
 
+def ramps_end(method: Method, cfg: Config) -> int:
+    """The epoch from which every loss term of the run is at full weight (0 for sup): early
+    stopping waits ``train.patience`` epochs past it, so a semi-supervised run is never judged
+    (and stopped) before its unlabeled term has been fully on for that long."""
+    ends = [0]
+    if method.unlabeled is not None and cfg.ssl.lambda_final > 0:
+        ends.append(cfg.ssl.warmup + cfg.ssl.rampup)
+    if cfg.ssl.qar_weight > 0:
+        ends.append(cfg.ssl.qar_warmup + cfg.ssl.qar_rampup)
+    return max(ends)
+
+
 def _unlabeled_images(cfg: Config, data: D.LabeledData, splits: dict[str, list[str]]) -> np.ndarray:
     """The unlabeled images: data.unlabeled's folder (data.max_unlabeled applies to it) and, with
     data.unused_as_unlabeled, the labeled training cases data.max_labeled left out (masks unread)."""
@@ -418,7 +430,8 @@ def run_ssl(loaded, out: Path | str | None = None, resume: bool = False,
         task = SSLTask(method, model, extras, cfg, train, val, unlabeled, quality, device)
         opt, sched = build_optimizer(task, cfg)
         settings = FitSettings(epochs=cfg.train.epochs, patience=cfg.train.patience, seed=cfg.seed,
-                               grad_clip=cfg.train.grad_clip, precision=cfg.train.precision)
+                               grad_clip=cfg.train.grad_clip, precision=cfg.train.precision,
+                               min_epochs=ramps_end(method, cfg) + cfg.train.patience)
         fit = fit_and_restore_best(run, task, opt, sched, settings, device, reporter, resuming)
         if fit is None:
             return run, {}  # rank 0 evaluates on test and writes the summary

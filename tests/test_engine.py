@@ -64,3 +64,33 @@ def test_engine_names_the_step_of_a_nan_loss(tmp_path):
 def test_fused_optimizer_only_on_cuda():
     assert E.fused_optimizer(torch.device("cpu")) == {}
     assert E.fused_optimizer(torch.device("cuda", 0)) == {"fused": True}
+
+
+@pytest.mark.parametrize("min_epochs, stops_after", [(0, 3), (6, 6)])
+def test_early_stopping_waits_for_min_epochs(tmp_path, min_epochs, stops_after):
+    """patience 2 on a val metric that never improves after epoch 1: stop at epoch 3, or at
+    min_epochs when that is later."""
+    from dist_nan_worker import NanOnRank1  # rank 0: a plain task, constant val metric
+
+    from qgseg.config import dumps_toml, load_config
+    from qgseg.runs import create_run
+
+    run = create_run(tmp_path / "r", "ssl", dumps_toml(load_config(cwd=tmp_path).config))
+    task = NanOnRank1()
+    opt = torch.optim.SGD(task.m.parameters(), lr=0.01)
+    settings = E.FitSettings(epochs=10, patience=2, seed=0, min_epochs=min_epochs)
+    fit = E.Engine(run, task, opt, None, settings, torch.device("cpu")).fit()
+    assert fit.epochs_run == stops_after and fit.stopped_early and fit.best_epoch == 1
+
+
+def test_ssl_ramps_end_counts_only_the_terms_that_are_on():
+    from qgseg.config import Config
+    from qgseg.methods import get_method
+    from qgseg.ssl import ramps_end
+
+    cfg = Config().replace(**{"ssl.warmup": 2, "ssl.rampup": 4, "ssl.qar_warmup": 3, "ssl.qar_rampup": 5})
+    assert ramps_end(get_method("sup"), cfg) == 0
+    assert ramps_end(get_method("mt"), cfg) == 6
+    assert ramps_end(get_method("mt"), cfg.replace(**{"ssl.lambda_final": 0.0})) == 0
+    assert ramps_end(get_method("mt"), cfg.replace(**{"ssl.qar_weight": 0.01})) == 8
+    assert ramps_end(get_method("sup"), cfg.replace(**{"ssl.qar_weight": 0.01})) == 8
