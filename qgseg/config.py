@@ -124,6 +124,7 @@ class TrainConfig:
     steps_per_epoch: int = 0  # > 0: fixed; 0 = labeled_passes over the labeled set, else max(labeled, unlabeled) batches
     labeled_passes: float = 0.0  # > 0: an epoch is this many passes over the labeled training set
     min_steps_per_epoch: int = 0  # floor on the steps of an epoch that is not fixed (few labels)
+    stop_after_ramps: bool = False  # ssl: no early stop before the unlabeled / QAR terms had `patience` epochs at full weight
 
 
 @dataclass(frozen=True)

@@ -431,7 +431,7 @@ def run_ssl(loaded, out: Path | str | None = None, resume: bool = False,
         opt, sched = build_optimizer(task, cfg)
         settings = FitSettings(epochs=cfg.train.epochs, patience=cfg.train.patience, seed=cfg.seed,
                                grad_clip=cfg.train.grad_clip, precision=cfg.train.precision,
-                               min_epochs=ramps_end(method, cfg) + cfg.train.patience)
+                               min_epochs=ramps_end(method, cfg) + cfg.train.patience if cfg.train.stop_after_ramps else 0)
         fit = fit_and_restore_best(run, task, opt, sched, settings, device, reporter, resuming)
         if fit is None:
             return run, {}  # rank 0 evaluates on test and writes the summary

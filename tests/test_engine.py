@@ -94,3 +94,11 @@ def test_ssl_ramps_end_counts_only_the_terms_that_are_on():
     assert ramps_end(get_method("mt"), cfg.replace(**{"ssl.lambda_final": 0.0})) == 0
     assert ramps_end(get_method("mt"), cfg.replace(**{"ssl.qar_weight": 0.01})) == 8
     assert ramps_end(get_method("sup"), cfg.replace(**{"ssl.qar_weight": 0.01})) == 8
+
+
+def test_stop_after_ramps_is_the_cpu_presets_and_not_the_papers():
+    from qgseg.config import load_config
+
+    assert load_config(preset="cpu").config.train.stop_after_ramps is True
+    assert load_config(preset="paper").config.train.stop_after_ramps is False
+    assert load_config().config.train.stop_after_ramps is False
