@@ -47,8 +47,8 @@ def preflight(stage: str, loaded: Any) -> None:
     if cfg.data.unused_as_unlabeled and not cfg.data.max_labeled and stage == "ssl":  # ablate labels sets it per point
         raise InputError(f"{_name(loaded, 'data.unused_as_unlabeled', '--set')}: needs data.max_labeled > 0 (the "
                          "training cases it leaves out become the unlabeled images), got data.max_labeled = 0")
-    in_domain_only = cfg.data.unused_as_unlabeled and not cfg.data.unlabeled
-    if (stage == "ssl" and needs_unlabeled(cfg) or stage == "ablate" and cfg.data.unlabeled) and not in_domain_only:
+    in_domain_only = cfg.data.unused_as_unlabeled and not cfg.data.unlabeled  # no folder to check
+    if stage == "ssl" and needs_unlabeled(cfg) and not in_domain_only or stage == "ablate" and cfg.data.unlabeled:
         _folder(loaded, "data.unlabeled", "--unlabeled", cfg.data.unlabeled, "unlabeled data")
 
 
