@@ -62,51 +62,6 @@ def _quality_roots(cfg_root: str, run_path: Path) -> list[Path]:
     return out
 
 
-def find_quality_run(roots: list[Path], image_size: int, data_root: Path | str | None = None) -> Any:
-    """The automatic choice of g (the same as ssl's): see :func:`qgseg.quality.compatible_quality_runs`."""
-    from qgseg.quality import compatible_quality_runs
-
-    found = compatible_quality_runs(roots, image_size, data_root)
-    return found[0] if found else None
-
-
-def load_eval_quality(quality: str | None, roots: list[Path], image_size: int, device: torch.device,
-                      evaluated: Any = None, data_root: Path | str | None = None) -> tuple[Any, str, str]:
-    """(g or None, its run, a note) for the predicted-quality column.
-
-    An explicit ``--quality`` wins. An ssl run is evaluated with the g it was trained with (its
-    meta.json), while that g is still there with the same weights. Otherwise the automatic choice
-    of g, the same as ssl's.
-    """
-    from qgseg.quality import QualityPredictor, no_compatible_g, weights_sha256
-    from qgseg.runs import Run, resolve_link
-
-    if quality:
-        run = resolve_link(quality, roots[0], "train-quality", "--quality")
-        return QualityPredictor.from_run(run, image_size).to(device), str(run.path), ""
-    note = ""
-    own = (evaluated.meta.get("quality_run") or "") if evaluated is not None else ""
-    if own:
-        what = f"g of {evaluated.path} (meta.json quality_run)"
-        try:
-            g = QualityPredictor.from_run(Run(own), image_size, option=what)
-            recorded = evaluated.meta.get("quality_sha256", "")
-            if not recorded or weights_sha256(g.net.state_dict()) == recorded:
-                views = int(evaluated.meta.get("quality_views") or 0)
-                return (g.with_views(views) if views else g).to(device), own, ""
-            note = f"the g the run was trained with ({own}) has changed since (other weights); "
-        except InputError as e:
-            note = f"the g the run was trained with is not usable ({e}); "
-    run = find_quality_run(roots, image_size, data_root)
-    if run is None:
-        return None, "", (f"{note}{no_compatible_g(roots, image_size)}: predicted-quality column skipped "
-                          "(pass --quality RUN)")
-    g = QualityPredictor.from_run(run, image_size, option="g (the newest compatible train-quality run)")
-    return g.to(device), str(run.path), (f"{note}using {run.path} instead" if note else "")
-
-
-
-
 def run_evaluate(loaded: Any, run_dir: str | Path, data_dir: str | Path | None = None, split: str = "test",
                  checkpoint: str = "best", quality: str | None = None, out: str | Path | None = None,
                  weak: str | None = None) -> tuple[Path, dict[str, Any]]:
@@ -180,13 +135,16 @@ def _evaluate_segmentation(run: Any, stage: str, data: LabeledData, rows: np.nda
     from qgseg.engine import load_modules, saved_module
     from qgseg.metrics import regression_metrics
     from qgseg.models import build_segmenter
+    from qgseg.quality import choose_g
 
     ck_path = segmentation_checkpoint(run.path, stage, checkpoint)
     ck, spec = saved_module(ck_path, "model", "segmentation model")
     model = build_segmenter(spec["arch"], spec.get("encoder", ""))
     load_modules({"model": model}, ck["modules"], str(ck_path))
     model.to(device)
-    g, g_run, note = load_eval_quality(quality, roots, data.image_size, device, evaluated=run, data_root=data.root)
+    g, g_run, note = choose_g(quality, roots, data.image_size, device, evaluated=run, data_root=data.root)
+    if g is None:
+        note += " (the predicted-quality column is skipped)"
     sub = data.subset([data.stems[i] for i in rows])
     probs = predict_probs(model, sub.images, device)
     df = evaluate_predictions(sub, probs, quality=g, device=device, with_hd95=True)

@@ -21,8 +21,8 @@ from qgseg.config import load_run_config
 from qgseg.data import LabeledData, resize_image, resize_mask, to_float_images, to_float_masks
 from qgseg.errors import InputError, QgsegError
 from qgseg.metrics import dice_per_sample, hd95_per_sample, iou_per_sample, mean_se
-from qgseg.quality import quality_scores
-from qgseg.runs import atomic_write_bytes, atomic_write_text, find_runs, json_ready, read_json, write_json
+from qgseg.quality import choose_g, quality_scores
+from qgseg.runs import atomic_write_bytes, atomic_write_text, json_ready, read_json, write_json
 
 
 @torch.no_grad()
@@ -245,25 +245,16 @@ def load_segmenter(run_dir: str | Path, checkpoint: str = "best", option: str = 
     return model.eval(), run, ck_path
 
 
-def load_quality_for(run: Any, quality: str | None, runs_root: str | Path, option: str = "--quality") -> tuple[Any, str]:
-    """g for scoring a run's predictions: ``--quality RUN``, else the g the run was trained with
-    (its meta.json), else the newest completed train-quality run under the runs root (or beside
-    the run). (g or None, a note when there is none)."""
-    from qgseg.quality import QualityPredictor
-    from qgseg.runs import Run, resolve_link
+def g_for(run: Any, quality: str | None, runs_root: str | Path, image_size: int, device: torch.device) -> tuple[Any, str]:
+    """g for scoring a segmentation run's predictions (predict, select): :func:`qgseg.quality.choose_g`
+    with the runs root and the folder the run sits in, preferring g trained on the run's data.
+    (g or None, a note)."""
+    from qgseg.config import load_run_config
 
-    if quality:
-        return QualityPredictor.from_run(resolve_link(quality, runs_root, "train-quality", option), option=option), ""
-    own = run.meta.get("quality_run", "") if run is not None else ""
-    if own and Run(own).status == "completed":
-        return QualityPredictor.from_run(own, option=f"{option} (the run's own g)"), ""
-    roots = [Path(runs_root)] + ([Path(run.path).resolve().parent.parent] if run is not None else [])
-    found = [r for root in roots for r in find_runs(root, "train-quality")]
-    if not found:
-        return None, (f"no quality predictor g (the run records none and there is no completed train-quality run "
-                      f"under {Path(runs_root)}): pass --quality RUN for the quality and flag columns")
-    newest = max(found, key=lambda r: r.meta.get("created", ""))
-    return QualityPredictor.from_run(newest, option=option), ""
+    roots = [Path(runs_root), Path(run.path).resolve().parent.parent]
+    g, _, note = choose_g(quality, roots, image_size, device, evaluated=run,
+                          data_root=load_run_config(run.path).data.labeled or None, any_size=True)
+    return g, note
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,9 +352,7 @@ def run_predict(loaded: Any, run_dir: str | Path, images_dir: str | Path, out: s
     size = load_run_config(run.path).data.image_size
     device = resolve_device(loaded.config.device)
     model.to(device)
-    g, note = load_quality_for(run, quality, loaded.config.runs_root)
-    if g is not None:
-        g.to(device)
+    g, note = g_for(run, quality, loaded.config.runs_root, size, device)
     settings = {"run": str(run.path), "checkpoint": ck_path.name, "image_size": size, "tta": tta,
                 "quality_run": g.source if g is not None else "", "images": str(Path(images_dir))}
     _settings_check(out, settings)

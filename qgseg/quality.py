@@ -441,6 +441,42 @@ def compatible_quality_runs(roots: list[Path], image_size: int, data_root: Path 
     return [r for *_, r in sorted(found.values(), key=lambda t: (t[0], t[1]), reverse=True)]
 
 
+def choose_g(quality: str | None, roots: list[Path], image_size: int, device: torch.device,
+             evaluated: Any = None, data_root: Path | str | None = None,
+             any_size: bool = False) -> tuple[Any, str, str]:
+    """(g or None, its run, a note): the one choice of g for scoring a run's predictions
+    (``evaluate``, ``predict``, ``select``).
+
+    An explicit ``--quality`` wins (at ``image_size`` unless ``any_size``: scores are resized to
+    g's size). A run is scored with the g it was trained with (its meta.json), while that g is
+    still there with the same weights. Otherwise the automatic choice, the same as ssl's
+    (:func:`compatible_quality_runs` under ``roots``).
+    """
+    from qgseg.runs import Run, resolve_link
+
+    if quality:
+        run = resolve_link(quality, roots[0], "train-quality", "--quality")
+        return QualityPredictor.from_run(run, None if any_size else image_size).to(device), str(run.path), ""
+    note = ""
+    own = (evaluated.meta.get("quality_run") or "") if evaluated is not None else ""
+    if own:
+        what = f"g of {evaluated.path} (meta.json quality_run)"
+        try:
+            g = QualityPredictor.from_run(Run(own), image_size, option=what)
+            recorded = evaluated.meta.get("quality_sha256", "")
+            if not recorded or weights_sha256(g.net.state_dict()) == recorded:
+                views = int(evaluated.meta.get("quality_views") or 0)
+                return (g.with_views(views) if views else g).to(device), own, ""
+            note = f"the g the run was trained with ({own}) has changed since (other weights); "
+        except InputError as e:
+            note = f"the g the run was trained with is not usable ({e}); "
+    found = compatible_quality_runs(roots, image_size, data_root)
+    if not found:
+        return None, "", f"{note}{no_compatible_g(roots, image_size)}: pass --quality RUN"
+    g = QualityPredictor.from_run(found[0], image_size, option="g (the newest compatible train-quality run)")
+    return g.to(device), str(found[0].path), (f"{note}using {found[0].path} instead" if note else "")
+
+
 def no_compatible_g(roots: list[Path], image_size: int) -> str:
     """Why the automatic choice found no g (for error messages and notes)."""
     from qgseg.config import load_run_config

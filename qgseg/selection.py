@@ -82,7 +82,7 @@ def run_select(loaded: Any, model_run: str | Path, unlabeled: str | Path, budget
     from qgseg.config import load_run_config
     from qgseg.data import load_unlabeled
     from qgseg.engine import resolve_device
-    from qgseg.predict import load_quality_for, load_segmenter, score_images
+    from qgseg.predict import g_for, load_segmenter, score_images
     from qgseg.runs import atomic_write_text, json_ready, new_run_dir, write_json
 
     check_strategy(strategy)
@@ -94,7 +94,7 @@ def run_select(loaded: Any, model_run: str | Path, unlabeled: str | Path, budget
     size = load_run_config(run.path).data.image_size
     device = resolve_device(loaded.config.device)
     g, note = (None, "") if strategy in ("random", "confidence", "agreement") and not quality else \
-        load_quality_for(run, quality, loaded.config.runs_root)
+        g_for(run, quality, loaded.config.runs_root, size, device)
     if strategy == "quality" and g is None:
         raise InputError(f"--strategy quality: {note}")
     pool = load_unlabeled(unlabeled, size, loaded.config.data.cache_dir, option="--unlabeled")

@@ -721,8 +721,9 @@ def test_ssl_resume_refuses_when_g_changed(quality_ref, ssl_ref, tmp_path):
     assert Run(run).status == "interrupted"  # refused before anything changed
 
 
-def test_automatic_g_is_the_newest_compatible_one_in_ssl_and_evaluate(quality_ref, tmp_path):
-    from qgseg.evaluate import find_quality_run
+def test_automatic_g_is_the_newest_compatible_one_in_ssl_evaluate_and_predict(quality_ref, ssl_ref, tmp_path):
+    from qgseg.predict import g_for
+    from qgseg.quality import compatible_quality_runs
     from qgseg.ssl import find_quality
 
     root = tmp_path / "runs"
@@ -733,7 +734,12 @@ def test_automatic_g_is_the_newest_compatible_one_in_ssl_and_evaluate(quality_re
     cfg = load_config(sets=[f"runs_root={root}", "data.image_size=32", "ssl.method=mt", "ssl.qw=true"],
                       cwd=tmp_path).config
     assert find_quality(cfg) == str(fits)
-    assert str(find_quality_run([root], 32).path) == str(fits)
+    assert str(compatible_quality_runs([root], 32)[0].path) == str(fits)
+    # predict and select score a run that records no g of its own with the same choice
+    seg = _copy_run(ssl_ref, tmp_path / "elsewhere" / "ssl" / "s")
+    Run(seg).update_meta(quality_run="")
+    g, note = g_for(Run(seg), None, root, 32, torch.device("cpu"))
+    assert Path(g.source).resolve() == fits.resolve() and note == ""
 
 
 def test_ssl_without_a_fitting_g_names_what_needs_it_not_a_quality_option(synth_data, tmp_path):
