@@ -51,17 +51,6 @@ def _eval_data(run_path: Path, rcfg: Any, data_dir: str | Path | None, split: st
     return data, np.array([pos[s] for s in stems], dtype=np.int64), split
 
 
-def _quality_roots(cfg_root: str, run_path: Path) -> list[Path]:
-    roots = [Path(cfg_root)]
-    # a run made with another runs root (e.g. `qgseg demo --out DIR`) sits in <root>/<stage>/<name>
-    roots.append(run_path.resolve().parent.parent)
-    out: list[Path] = []
-    for r in roots:
-        if r.resolve() not in [o.resolve() for o in out]:
-            out.append(r)
-    return out
-
-
 def run_evaluate(loaded: Any, run_dir: str | Path, data_dir: str | Path | None = None, split: str = "test",
                  checkpoint: str = "best", quality: str | None = None, out: str | Path | None = None,
                  weak: str | None = None) -> tuple[Path, dict[str, Any]]:
@@ -79,6 +68,7 @@ def run_evaluate(loaded: Any, run_dir: str | Path, data_dir: str | Path | None =
 
     from qgseg.config import load_run_config
     from qgseg.engine import resolve_device
+    from qgseg.quality import quality_roots
     from qgseg.runs import Run, finish_summary, write_json
 
     log = logging.getLogger("qgseg")
@@ -113,7 +103,7 @@ def run_evaluate(loaded: Any, run_dir: str | Path, data_dir: str | Path | None =
             summary = _evaluate_quality(run, rcfg, data, rows, bool(data_dir), split, checkpoint, device, out_dir,
                                         weak, loaded.config.runs_root)
         else:
-            roots = _quality_roots(loaded.config.runs_root, run_path)
+            roots = quality_roots(loaded.config.runs_root, run_path)
             summary = _evaluate_segmentation(run, stage, data, rows, checkpoint, quality, roots, device, out_dir)
     except BaseException:
         import shutil

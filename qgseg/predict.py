@@ -21,7 +21,7 @@ from qgseg.config import load_run_config
 from qgseg.data import LabeledData, resize_image, resize_mask, to_float_images, to_float_masks
 from qgseg.errors import InputError, QgsegError
 from qgseg.metrics import dice_per_sample, hd95_per_sample, iou_per_sample, mean_se
-from qgseg.quality import choose_g, quality_scores
+from qgseg.quality import choose_g, quality_roots, quality_scores
 from qgseg.runs import atomic_write_bytes, atomic_write_text, json_ready, read_json, write_json
 
 
@@ -251,8 +251,7 @@ def g_for(run: Any, quality: str | None, runs_root: str | Path, image_size: int,
     (g or None, a note)."""
     from qgseg.config import load_run_config
 
-    roots = [Path(runs_root), Path(run.path).resolve().parent.parent]
-    g, _, note = choose_g(quality, roots, image_size, device, evaluated=run,
+    g, _, note = choose_g(quality, quality_roots(runs_root, run.path), image_size, device, evaluated=run,
                           data_root=load_run_config(run.path).data.labeled or None, any_size=True)
     return g, note
 

@@ -441,6 +441,16 @@ def compatible_quality_runs(roots: list[Path], image_size: int, data_root: Path 
     return [r for *_, r in sorted(found.values(), key=lambda t: (t[0], t[1]), reverse=True)]
 
 
+def quality_roots(runs_root: str | Path, run_path: Path) -> list[Path]:
+    """Where to look for g when scoring a run: the runs root, and the root the run itself sits in
+    (a run made with another runs root, e.g. `qgseg demo --out DIR`, is <root>/<stage>/<name>)."""
+    out: list[Path] = []
+    for r in (Path(runs_root), Path(run_path).resolve().parent.parent):
+        if r.resolve() not in [o.resolve() for o in out]:
+            out.append(r)
+    return out
+
+
 def choose_g(quality: str | None, roots: list[Path], image_size: int, device: torch.device,
              evaluated: Any = None, data_root: Path | str | None = None,
              any_size: bool = False) -> tuple[Any, str, str]:
