@@ -644,7 +644,9 @@ def _run(adir: Run, sweep: Sweep, grid: list[str], cfg: Config, explicit: dict[s
 
     points = [make(v, m, cfg.seed + i) for v in grid for m in method_grid for i in range(n_seeds)]
     states = {id(p): point_state(p) for p in points}
-    todo = [p for p in points if states[id(p)] in ("fresh", "resumable")]
+    # seed-major: every value of seed 0 before any of seed 1, so a sweep stopped part-way (Ctrl-C,
+    # a time limit) leaves complete seed-paired comparisons; the table stays value-major
+    todo = sorted((p for p in points if states[id(p)] in ("fresh", "resumable")), key=lambda p: p.seed)
     extra = _prerequisites(adir, sweep, cfg, points, quality, config_file, env, rep) if todo else []
     adir.update_meta(values=grid, seeds=n_seeds, **({"methods": method_grid} if sweep.methods else {}))
     cwd = os.getcwd()

@@ -78,6 +78,9 @@ def test_print_commands_run_gather_failure_and_rerun(env):
     assert len(lines) == 4 and all(" train-quality " in ln and "--out" in ln for ln in lines)
     assert sorted((ln.split("corrupt.k=")[1][0], ln.split("--seed ")[1][0]) for ln in lines) == [
         ("0", "0"), ("0", "1"), ("2", "0"), ("2", "1")]
+    # seed-major, so a sweep stopped part-way leaves complete seed pairs
+    assert [(ln.split("corrupt.k=")[1][0], ln.split("--seed ")[1][0]) for ln in lines] == [
+        ("0", "0"), ("2", "0"), ("0", "1"), ("2", "1")]
     assert not (adir / "points" / "2").exists()
     # run one of them (as a cluster job would, from another folder); again it is a no-op
     line = next(ln for ln in lines if "corrupt.k=2" in ln and "--seed 0" in ln)
