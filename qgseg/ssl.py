@@ -387,8 +387,10 @@ def run_ssl(loaded, out: Path | str | None = None, resume: bool = False,
     with run.guard():
         method = check_config(cfg)
         option = "--quality" if cfg.ssl.quality else "g (the newest compatible train-quality run)"
-        if resuming:  # the g the run started with, not a newer one
-            quality_run, option = run.meta.get("quality_run", ""), f"g of {run.path} (recorded in meta.json)"
+        if resuming and "quality_run" in run.meta:  # the g the run started with, not a newer one
+            quality_run, option = run.meta["quality_run"], f"g of {run.path} (recorded in meta.json)"
+        elif resuming:  # stopped before it recorded g, so nothing was trained with one: choose as a new run does
+            quality_run = find_quality(cfg)
         quality = _load_quality(quality_run, cfg, option)
         quality_run = quality.source if quality is not None else ""
         quality_views = quality.net.views if quality is not None else 0

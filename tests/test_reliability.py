@@ -721,6 +721,27 @@ def test_ssl_resume_refuses_when_g_changed(quality_ref, ssl_ref, tmp_path):
     assert Run(run).status == "interrupted"  # refused before anything changed
 
 
+def test_ssl_stopped_before_it_recorded_g_resumes_with_the_g_a_new_run_takes(synth_data, quality_ref, ssl_ref,
+                                                                             tmp_path, monkeypatch):
+    # Ctrl-C while g loads (seconds on a GPU: CUDA starts then): meta.json has no quality_run yet
+    import qgseg.ssl as S
+
+    real = S._load_quality
+
+    def stopped(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(S, "_load_quality", stopped)
+    run = tmp_path / "root" / "s"
+    res = cli(*ssl_args(synth_data, tmp_path / "root", quality_ref), "--out", run)
+    assert res.exit_code == 130, res.stderr
+    assert Run(run).status == "interrupted" and "quality_run" not in Run(run).meta
+    monkeypatch.setattr(S, "_load_quality", real)
+    summary = ok(cli("ssl", "--resume", "--out", run, "--json"))
+    assert summary["quality_run"] == str(quality_ref) and Run(run).meta["quality_run"] == str(quality_ref)
+    assert_same_run(run, ssl_ref)  # nothing was trained before the stop: the same run as one never stopped
+
+
 def test_automatic_g_is_the_newest_compatible_one_in_ssl_evaluate_and_predict(quality_ref, ssl_ref, tmp_path):
     from qgseg.predict import g_for
     from qgseg.quality import compatible_quality_runs
