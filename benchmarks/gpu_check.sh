@@ -10,8 +10,8 @@
 #
 # Self-contained: runs from this checkout (PYTHONPATH, no install needed). The GPU machine has torch
 # but no internet; segmentation-models-pytorch is not in its image: carry its wheel in .whl/
-# (python3 -m pip download --no-deps --only-binary=:all: -d .whl segmentation-models-pytorch==0.6.0,
-# then carry ".whl"); this script installs carried wheels into /tmp/qgseg-site when a package is
+# (benchmarks/gpu_wheels.sh downloads it and the other missing dependencies; then carry ".whl");
+# this script installs carried wheels into /tmp/qgseg-site when a package is
 # missing and stops with exit 3 and the list of what is still missing otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
