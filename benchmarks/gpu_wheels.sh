@@ -12,17 +12,17 @@ cd "$(dirname "$0")/.."
 PYV=${1:-3.12}
 PY=${PYTHON:-.venv/bin/python}
 PKGS="segmentation-models-pytorch albumentations albucore pydantic pydantic-core annotated-types typing-inspection simsimd stringzilla monai"
+PLATS=""
+for p in manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_24_x86_64 manylinux_2_27_x86_64 \
+         manylinux_2_28_x86_64 manylinux_2_31_x86_64 manylinux_2_34_x86_64 manylinux_2_35_x86_64; do
+  PLATS="$PLATS --platform $p"
+done
 mkdir -p .whl
 for pkg in $PKGS; do
   ver=$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$pkg") \
     || { echo "gpu_wheels: $pkg is not installed in $PY; run the README's setup first" >&2; exit 3; }
-  plats=""
-  for p in manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_24_x86_64 manylinux_2_27_x86_64 \
-           manylinux_2_28_x86_64 manylinux_2_31_x86_64 manylinux_2_34_x86_64 manylinux_2_35_x86_64; do
-    plats="$plats --platform $p"
-  done
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYV" --implementation cp \
-    $plats -d .whl "$pkg==$ver"
+    $PLATS -d .whl "$pkg==$ver"
 done
 ls .whl
 du -sh .whl
