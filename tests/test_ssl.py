@@ -228,6 +228,28 @@ def test_unused_as_unlabeled_uses_the_left_out_training_cases(workdir):
     assert json.loads(res.stdout)["n_unlabeled"] == len(splits["unused"]) + 6  # the folder's 6 images too
 
 
+def test_qw_mechanism_benchmark_reads_an_in_domain_mt_run(workdir):
+    """benchmarks/qw_mechanism.py on a finished in-domain mt run: one row per unused image, and
+    shares that add up (the zeroed images' loss share is 0 exactly when QW zeroes none)."""
+    import importlib.util
+
+    make_quality_run(workdir / "runs")
+    res = invoke("--method", "mt", "--epochs", "1", "--json", "--out", "runs/ssl/mech",
+                 "--set", "data.max_labeled=3", "--set", "data.unused_as_unlabeled=true")
+    assert res.exit_code == 0, res.stderr
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "qw_mechanism.py"
+    spec = importlib.util.spec_from_file_location("qw_mechanism", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = mod.measure(workdir / "runs/ssl/mech")
+    unused = json.loads((workdir / "runs/ssl/mech/splits.json").read_text())["unused"]
+    assert out["images"] == len(unused) > 0
+    for key in ("share_zeroed", "loss_share_of_zeroed", "loss_share_of_rejected_quarter", "dice_kept"):
+        assert 0.0 <= out[key] <= 1.0, key
+    assert (out["loss_share_of_zeroed"] == 0) == (out["share_zeroed"] == 0)
+    assert out["weighted_over_plain_loss"] > 0
+
+
 def test_unused_as_unlabeled_needs_max_labeled(workdir):
     res = invoke("--method", "mt", "--epochs", "1", "--out", "runs/ssl/bad", "--set", "data.unused_as_unlabeled=true")
     assert res.exit_code == 2
