@@ -3,12 +3,12 @@
 For finished ``qgseg ssl --method mt`` runs trained with in-domain unlabeled images
 (``data.unused_as_unlabeled = true``, so every unlabeled image has a mask), over those images:
 
-- l_i: the consistency loss, mean over pixels of (sigmoid(student(x)) - sigmoid(teacher(x + noise)))^2,
+- l_i: mt's consistency loss (``losses.mse_prob_loss``: student vs noisy-input teacher probabilities),
 - q_i: the run's own g (its recorded views) scoring the teacher's pseudolabel (prob > 0.5),
 - w_i: the paper's QW weight q^2 [q >= 0.5] (``quality.qw_weights``, reference form),
 - d_i: the true Dice of the pseudolabel,
-- the reject rule's cut: the quarter of the images g scores lowest (``ssl.qw_rule = "reject"``,
-  here over all the unlabeled images rather than per batch).
+- the reject rule's cut: the quarter of the images g scores lowest (``quality.qw_weights`` with
+  ``ssl.qw_rule = "reject"``, here over all the unlabeled images rather than per batch).
 
 Student and teacher come from the run's ``last.pt`` (the state at the end of training), both in
 eval mode; the teacher's input noise is seeded. One JSON line per run:
@@ -25,12 +25,12 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from qgseg.config import load_run_config  # noqa: E402
 from qgseg.data import load_labeled, to_float_images, to_float_masks  # noqa: E402
-from qgseg.engine import load_checkpoint  # noqa: E402
+from qgseg.engine import load_checkpoint, load_modules  # noqa: E402
+from qgseg.losses import mse_prob_loss  # noqa: E402
 from qgseg.methods.common import hard, noisy  # noqa: E402
 from qgseg.metrics import dice_per_sample, spearman  # noqa: E402
 from qgseg.models import build_segmenter  # noqa: E402
@@ -44,11 +44,8 @@ def measure(run: Path, batch: int = 32) -> dict:
     if not stems or not meta.get("quality_run"):
         raise SystemExit(f"{run}: needs an mt run with in-domain unlabeled images (splits.json 'unused') and a g")
     ck = load_checkpoint(run / "checkpoints" / "last.pt", "checkpoint")
-    nets = {}
-    for k in ("model", "teacher"):
-        nets[k] = build_segmenter(**ck["specs"][k])
-        nets[k].load_state_dict(ck["modules"][k])
-        nets[k].eval()
+    nets = {k: build_segmenter(**ck["specs"][k]) for k in ("model", "teacher")}
+    load_modules(nets, ck["modules"], str(run / "checkpoints" / "last.pt"))
     g = QualityPredictor.from_run(meta["quality_run"]).with_views(meta.get("quality_views", 1))
     data = load_labeled(cfg.data.labeled, cfg.data.image_size).subset(stems)
     torch.manual_seed(0)
@@ -57,15 +54,14 @@ def measure(run: Path, batch: int = 32) -> dict:
         for i in range(0, len(data), batch):
             x = to_float_images(torch.from_numpy(data.images[i:i + batch]))
             m = to_float_masks(torch.from_numpy(data.masks[i:i + batch]))
-            p_t = torch.sigmoid(nets["teacher"](noisy(x)).float())
-            p_s = torch.sigmoid(nets["model"](x).float())
-            parts["l"].append(((p_s - p_t) ** 2).mean((1, 2, 3)))
+            p_t = torch.sigmoid(nets["teacher"].eval()(noisy(x)).float())
+            parts["l"].append(mse_prob_loss(nets["model"].eval()(x), p_t))
             parts["q"].append(g.score(x, hard(p_t)).flatten())
             parts["d"].append(dice_per_sample(hard(p_t), m))
     l, q, d = (torch.cat(parts[k]).double().numpy() for k in ("l", "q", "d"))
     w = qw_weights(torch.from_numpy(q)).double().numpy()
     zero = w == 0
-    rejected = np.argsort(q, kind="stable")[: len(q) // 4]
+    rejected = qw_weights(torch.from_numpy(q), "reject").numpy() == 0
     r = lambda v: round(float(v), 3)  # noqa: E731
     return {"run": str(run), "images": len(l), "pseudolabel_dice": r(d.mean()), "q_mean": r(q.mean()),
             "share_zeroed": r(zero.mean()), "spearman_q_dice": r(spearman(q, d)),
